@@ -1,0 +1,6 @@
+"""Operators: symmetric linear maps given by their products ``v -> A v``."""
+
+from .base import LambdaOperator, MatrixOperator, Operator, as_operator
+from .hvp import HVPOperator, NonFiniteError
+
+__all__ = ["Operator", "LambdaOperator", "MatrixOperator", "as_operator", "HVPOperator", "NonFiniteError"]

@@ -1,0 +1,14 @@
+"""Eigensolvers that work on any :class:`~hessian_eigenthings.operators.Operator`."""
+
+from .arpack import NoConvergenceError, lanczos
+from .power_iter import deflated_power_iteration, power_iteration
+from .result import ConvergenceWarning, EigenResult
+
+__all__ = [
+    "power_iteration",
+    "deflated_power_iteration",
+    "lanczos",
+    "EigenResult",
+    "ConvergenceWarning",
+    "NoConvergenceError",
+]

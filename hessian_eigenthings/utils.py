@@ -1,0 +1,74 @@
+"""Small shared helpers: the package logger, progress bars and argument checks."""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any, Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("hessian_eigenthings")
+
+
+def progress(
+    iterable: Optional[Iterable] = None,
+    total: Optional[int] = None,
+    desc: str = "",
+    verbose: bool = True,
+    leave: bool = True,
+) -> tqdm:
+    """A tqdm bar that is silenced (not even created on the terminal) when ``verbose`` is False."""
+    return tqdm(iterable, total=total, desc=desc, disable=not verbose, leave=leave, dynamic_ncols=True)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Return ``value`` as an int, or raise a TypeError/ValueError naming ``name``."""
+    if isinstance(value, (bool, float)):
+        raise TypeError(f"{name} must be a positive integer, got {value!r} of type {type(value).__name__}.")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a positive integer, got {value!r} of type {type(value).__name__}."
+        ) from None
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}.")
+    return value
+
+
+def check_num_eigenthings(k: Any, n: int, name: str = "num_eigenthings") -> int:
+    """Validate the number of requested eigenpairs against the operator size ``n``."""
+    k = check_positive_int(k, name)
+    if k >= n:
+        raise ValueError(
+            f"{name}={k} must be smaller than the operator size n={n}. Iterative solvers find a few "
+            f"eigenpairs of a large operator; for all n eigenpairs of a small one, form the dense "
+            f"matrix and use torch.linalg.eigh (see hessian_eigenthings.dense_matrix)."
+        )
+    return k
+
+
+VALID_WHICH = ("LM", "LA", "SA")
+
+
+def check_which(which: Any) -> str:
+    """Validate the eigenvalue selector: "LM" (largest magnitude), "LA" (largest algebraic) or "SA"."""
+    if not isinstance(which, str) or which.upper() not in VALID_WHICH:
+        raise ValueError(
+            f"which={which!r} is not supported; use one of 'LM' (largest magnitude), "
+            f"'LA' (largest algebraic) or 'SA' (smallest algebraic)."
+        )
+    return which.upper()
+
+
+def resolve_device(device: Any) -> torch.device:
+    """Turn a user-given device spec into a torch.device, with a clear error for CUDA without a GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a valid torch device (e.g. 'cpu' or 'cuda:0').") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asks for CUDA, but torch.cuda.is_available() is False here.")
+    return dev

@@ -1,0 +1,88 @@
+"""ARPACK Lanczos on planted spectra and on real model Hessians."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hessian_eigenthings.solvers.arpack as arpack_module
+from hessian_eigenthings import HVPOperator, LambdaOperator, NoConvergenceError, lanczos
+from helpers import abs_cosines, exact_top, planted_matrix
+
+SPECTRUM = [10.0, -8.0, 7.0, 5.5, -4.0, 3.9] + list(np.linspace(-2.0, 2.0, 294))
+
+
+@pytest.mark.parametrize("which", ["LM", "LA", "SA"])
+def test_lanczos_matches_eigh(which):
+    a, _, _ = planted_matrix(SPECTRUM, seed=1)
+    vals, vecs = exact_top(a, 4, which)
+    result = lanczos(a, 4, which=which, verbose=False)
+    got_vals, got_vecs = result
+    assert got_vals.shape == (4,) and got_vecs.shape == (4, 300)
+    assert np.allclose(got_vals, vals, rtol=1e-6, atol=0)
+    assert np.all(abs_cosines(got_vecs, vecs) >= 0.9999)
+    assert np.allclose(np.linalg.norm(got_vecs, axis=1), 1.0, atol=1e-10)
+    assert result.converged.all() and np.all(result.relative_residuals <= 1e-6)
+
+
+def test_lanczos_on_model_hessian(mlp_problem):
+    model, loader, _, _, hessian = mlp_problem
+    op = HVPOperator(model, loader, nn.functional.cross_entropy, use_gpu=False)
+    vals, vecs = exact_top(hessian, 6, "LA")
+    result = lanczos(op, 6, which="LA", verbose=False)
+    assert np.allclose(result.eigenvalues, vals, rtol=1e-6, atol=0)
+    assert np.all(abs_cosines(result.eigenvectors, vecs) >= 0.9999)
+    assert result.num_products == op.num_products
+
+
+def test_init_vec_reaches_arpack(monkeypatch):
+    a, _, q = planted_matrix(SPECTRUM, seed=2)
+    seen = {}
+    real_eigsh = arpack_module.eigsh
+
+    def spy(*args, **kwargs):
+        seen["v0"] = kwargs["v0"]
+        return real_eigsh(*args, **kwargs)
+
+    monkeypatch.setattr(arpack_module, "eigsh", spy)
+    start = q[:, 0] + 0.1 * q[:, 5]
+    lanczos(a, 2, init_vec=start, verbose=False)
+    assert seen["v0"].dtype == np.float64
+    assert np.array_equal(seen["v0"], start.numpy())
+
+
+def test_no_convergence_raises_with_advice():
+    a, _, _ = planted_matrix([1.0 + 1e-3 * i for i in range(200)], seed=3)
+    with pytest.raises(NoConvergenceError, match="max_steps") as info:
+        lanczos(a, 5, max_steps=1, num_lanczos_vectors=6, tol=1e-12, verbose=False)
+    assert "num_lanczos_vectors" in str(info.value)
+
+
+def test_float32_operator_runs_arpack_in_float64():
+    a, _, _ = planted_matrix(SPECTRUM, seed=4, dtype=torch.float32)
+    seen_dtypes = set()
+
+    def product(v):
+        seen_dtypes.add(v.dtype)
+        return a @ v
+
+    op = LambdaOperator(product, 300, dtype=torch.float32)
+    scipy_op = op.to_scipy()
+    assert scipy_op.dtype == np.float64
+    result = lanczos(op, 3, verbose=False)
+    assert seen_dtypes == {torch.float32}
+    assert np.allclose(result.eigenvalues, [10.0, -8.0, 7.0], rtol=1e-5)
+
+
+def test_bad_arguments():
+    a, _, _ = planted_matrix(SPECTRUM, seed=5)
+    with pytest.raises(ValueError, match="num_lanczos_vectors"):
+        lanczos(a, 5, num_lanczos_vectors=5)
+    with pytest.raises(ValueError, match="smaller than"):
+        lanczos(a, 300)
+    with pytest.raises(ValueError, match="which"):
+        lanczos(a, 3, which="BE")
+    with pytest.raises(TypeError, match="LambdaOperator"):
+        lanczos(lambda v: v, 3)
+    with pytest.raises(ValueError, match="symmetric"):
+        lanczos(torch.triu(torch.ones(10, 10)), 2)

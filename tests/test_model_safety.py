@@ -1,0 +1,187 @@
+"""The user's model is left exactly as it was, by every call, also when the call raises; and bad
+input gets a clear error before torch gets to it."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hessian_eigenthings import HVPOperator, NonFiniteError, compute_hessian_eigenthings
+from helpers import assert_model_unchanged, classification_data, dense_loss_hessian, model_snapshot, small_mlp
+
+F = nn.functional
+
+
+def bn_dropout_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 4)
+    ).double()
+
+
+def with_grads(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    return model
+
+
+@pytest.fixture
+def data():
+    x, y = classification_data(num=96)
+    return [(x[:64], y[:64]), (x[64:], y[64:])]
+
+
+def test_eval_mode_default_is_deterministic_and_leaves_model_in_train_mode(data):
+    model = with_grads(bn_dropout_model())
+    model.train()
+    model[3].eval()  # a mixed set of modes must come back exactly
+    before = model_snapshot(model)
+    rng = torch.get_rng_state()
+    op = HVPOperator(model, data, F.cross_entropy, use_gpu=False)
+    v = torch.randn(op.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    first, second = op.apply(v), op.apply(v)
+    assert torch.equal(first, second)
+    assert_model_unchanged(model, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    # equals the exact Hessian of the model in eval mode
+    x = torch.cat([b[0] for b in data]); y = torch.cat([b[1] for b in data])
+    model.eval()
+    exact = dense_loss_hessian(model, F.cross_entropy, x, y) @ v
+    assert torch.allclose(first, exact, rtol=1e-9, atol=1e-12 * exact.abs().max())
+
+
+def test_train_mode_opt_out_restores_batchnorm_statistics_and_rng(data):
+    model = with_grads(bn_dropout_model()).train()
+    before = model_snapshot(model)
+    rng = torch.get_rng_state()
+    op = HVPOperator(model, data, F.cross_entropy, use_gpu=False, eval_mode=False)
+    v = torch.randn(op.size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    first, second = op.apply(v), op.apply(v)
+    assert torch.equal(first, second)  # dropout masks come from a fixed private seed
+    eval_op = HVPOperator(model, data, F.cross_entropy, use_gpu=False)
+    assert not torch.allclose(first, eval_op.apply(v))  # batch statistics and dropout do matter
+    assert_model_unchanged(model, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_solvers_leave_model_and_global_rng_untouched(data):
+    model = with_grads(bn_dropout_model()).train()
+    before = model_snapshot(model)
+    rng = torch.get_rng_state()
+    for mode in ("power_iter", "lanczos"):
+        compute_hessian_eigenthings(model, data, F.cross_entropy, 2, mode=mode, use_gpu=False, verbose=False)
+    assert_model_unchanged(model, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _bad_calls(model, data):
+    """(description, callable, expected exception, words the message must contain)."""
+    x, y = data[0]
+    nan_x = x.clone()
+    nan_x[3, 2] = math.nan
+    ok = dict(use_gpu=False, verbose=False)
+
+    def one_shot():
+        return (b for b in data)
+
+    yield "k=0", lambda: compute_hessian_eigenthings(model, data, F.cross_entropy, 0, **ok), ValueError, ["num_eigenthings"]
+    yield "k<0", lambda: compute_hessian_eigenthings(model, data, F.cross_entropy, -3, **ok), ValueError, ["num_eigenthings"]
+    yield "k>=n", lambda: compute_hessian_eigenthings(model, data, F.cross_entropy, 10**6, **ok), ValueError, ["smaller than"]
+    yield "k float", lambda: compute_hessian_eigenthings(model, data, F.cross_entropy, 2.0, **ok), TypeError, ["integer"]
+    yield "mode", lambda: compute_hessian_eigenthings(model, data, F.cross_entropy, 2, mode="eig", **ok), ValueError, ["mode", "power_iter"]
+    yield "which", lambda: compute_hessian_eigenthings(model, data, F.cross_entropy, 2, which="XX", **ok), ValueError, ["which", "LA"]
+    yield "which lanczos", lambda: compute_hessian_eigenthings(model, data, F.cross_entropy, 2, mode="lanczos", which="BE", **ok), ValueError, ["which"]
+    yield "kwarg", lambda: compute_hessian_eigenthings(model, data, F.cross_entropy, 2, stepz=3, **ok), TypeError, ["stepz"]
+    yield "empty", lambda: compute_hessian_eigenthings(model, [], F.cross_entropy, 2, **ok), ValueError, ["empty"]
+    yield "one-shot", lambda: HVPOperator(model, one_shot(), F.cross_entropy, use_gpu=False), ValueError, ["one-shot", "list"]
+    yield "no batches", lambda: HVPOperator(model, _NoLenEmpty(), F.cross_entropy, use_gpu=False).apply(
+        torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)), ValueError, ["no batches"]
+    yield "not a pair", lambda: compute_hessian_eigenthings(model, [x], F.cross_entropy, 2, **ok), TypeError, ["(inputs, targets)"]
+    yield "non-scalar loss", lambda: compute_hessian_eigenthings(
+        model, data, lambda o, t: F.cross_entropy(o, t, reduction="none"), 2, **ok), ValueError, ["scalar", "reduction"]
+    yield "float loss", lambda: compute_hessian_eigenthings(
+        model, data, lambda o, t: F.cross_entropy(o, t).item(), 2, **ok), TypeError, ["scalar"]
+    yield "detached loss", lambda: compute_hessian_eigenthings(
+        model, data, lambda o, t: F.cross_entropy(o, t).detach(), 2, **ok), ValueError, ["grad_fn"]
+    yield "nan loss", lambda: compute_hessian_eigenthings(
+        model, [data[0], (nan_x, y)], F.cross_entropy, 2, **ok), NonFiniteError, ["batch 1", "nan"]
+    yield "nan loss micro", lambda: compute_hessian_eigenthings(
+        model, [(nan_x, y)], F.cross_entropy, 2, max_possible_gpu_samples=2, **ok), NonFiniteError, ["batch 0 (samples 2:4)"]
+    yield "bad param name", lambda: HVPOperator(model, data, F.cross_entropy, params=["nope"]), ValueError, ["nope", "0.weight"]
+    yield "not a model", lambda: HVPOperator(lambda x: x, data, F.cross_entropy), TypeError, ["nn.Module"]
+    yield "bad micro", lambda: HVPOperator(model, data, F.cross_entropy, max_possible_gpu_samples=0), ValueError, ["max_possible_gpu_samples"]
+    yield "bad device", lambda: HVPOperator(model, data, F.cross_entropy, device="warp9"), ValueError, ["device"]
+
+
+class _NoLenEmpty:
+    def __iter__(self):
+        return iter(())
+
+
+def test_bad_input_raises_clear_errors_and_leaves_model_unchanged(data):
+    model = with_grads(bn_dropout_model()).train()
+    before = model_snapshot(model)
+    for description, call, exc, words in _bad_calls(model, data):
+        with pytest.raises(exc) as info:
+            call()
+        for word in words:
+            assert word in str(info.value), (description, str(info.value))
+        assert_model_unchanged(model, before)
+
+
+def test_non_finite_product_is_reported_with_its_batch():
+    class Cusp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.w.abs().pow(1.5).sum()
+
+    model = Cusp()
+    data = [(torch.ones(4, 1, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64))] * 2
+    op = HVPOperator(model, data, lambda o, t: o.mean(), use_gpu=False)
+    with pytest.raises(NonFiniteError, match="product of batch 0"):
+        op.apply(torch.ones(3, dtype=torch.float64))
+
+
+def test_model_without_trainable_parameters(data):
+    model = small_mlp().requires_grad_(False)
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        compute_hessian_eigenthings(model, data, F.cross_entropy, 2, use_gpu=False)
+    assert_model_unchanged(model, before)
+
+
+def test_apply_checks_size_dtype_and_device(data):
+    model = small_mlp()
+    op = HVPOperator(model, data, F.cross_entropy, use_gpu=False)
+    with pytest.raises(ValueError, match=f"n={op.size}"):
+        op.apply(torch.zeros(op.size + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        op.apply(torch.zeros(op.size, 1, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float64"):
+        op.apply(torch.zeros(op.size, dtype=torch.float32))
+    with pytest.raises(ValueError, match="vec.to"):
+        op.apply(torch.zeros(op.size, dtype=torch.float64, device="meta"))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        op.apply([0.0] * op.size)
+    with pytest.raises(ValueError, match=r"\(n, b\)"):
+        op.apply_block(torch.zeros(op.size + 2, 3, dtype=torch.float64))
+    assert op.num_products == 0
+
+
+def test_mixed_dtypes_are_refused(data):
+    model = small_mlp()
+    model[4].float()
+    with pytest.raises(TypeError, match="mix dtypes"):
+        HVPOperator(model, data, F.cross_entropy, use_gpu=False)
+
+
+def test_frozen_parameter_chosen_explicitly_is_refused(data):
+    model = small_mlp()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        HVPOperator(model, data, F.cross_entropy, use_gpu=False, params=["0.weight"])
+    assert model[0].weight.requires_grad is False
