@@ -1,5 +1,7 @@
 """ARPACK Lanczos on planted spectra and on real model Hessians."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,31 @@ def test_bad_arguments():
         lanczos(lambda v: v, 3)
     with pytest.raises(ValueError, match="symmetric"):
         lanczos(torch.triu(torch.ones(10, 10)), 2)
+
+
+@pytest.mark.parametrize("which", ["LM", "LA"])
+def test_default_settings_converge_on_a_trained_float32_digits_mlp(which):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=512)
+    op = HVPOperator(model, loader, nn.functional.cross_entropy, use_gpu=False)
+    result = lanczos(op, 10, which=which, verbose=False)
+    assert result.converged.all()
+    # float32 products resolve residuals to about eps * ||H||
+    assert np.all(result.residuals <= 1e-6 * abs(result.eigenvalues[0]) + 1e-6 * np.abs(result.eigenvalues))
+    # reference: the same network in float64, solved to tight tolerance
+    model64 = copy.deepcopy(model).double()
+    loader64 = [(xb.double(), yb) for xb, yb in loader]
+    op64 = HVPOperator(model64, loader64, nn.functional.cross_entropy, use_gpu=False)
+    exact = lanczos(op64, 10, which=which, tol=1e-10, verbose=False).eigenvalues
+    assert np.allclose(result.eigenvalues, exact, rtol=1e-4)
