@@ -63,10 +63,15 @@ def plot_spectral_density(
         fig = ax.figure
     values = np.asarray(density.density, dtype=np.float64)
     if log_scale:
+        drawn_before = bool(ax.lines)
+        old_low, old_high = ax.get_ylim()
         top = float(values.max()) if values.size else 1.0
         cut = floor * top if top > 0 else floor
         ax.semilogy(density.grid, np.maximum(values, cut), label=label, lw=1.2)
-        ax.set_ylim(cut, top * 2 if top > 0 else 1.0)
+        low, high = cut, top * 2 if top > 0 else 1.0
+        if drawn_before:  # a second curve on the same axes: keep the first one in view
+            low, high = min(low, old_low), max(high, old_high)
+        ax.set_ylim(low, high)
     else:
         ax.plot(density.grid, values, label=label, lw=1.2)
     if show_extremes:
