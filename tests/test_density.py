@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from hessian_eigenthings import HVPOperator, MatrixOperator, hessian_density, hutchinson_trace, spectral_density
-from hessian_eigenthings.spectrum import SpectralDensity
 from hessian_eigenthings.spectrum.density import gaussian_mixture
 from helpers import assert_model_unchanged, batches, classification_data, dense_loss_hessian, model_snapshot, planted_matrix
 

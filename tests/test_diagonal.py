@@ -1,6 +1,5 @@
 """Diagonal estimators against exact diagonals: planted matrices and dense model Hessians."""
 
-import math
 
 import numpy as np
 import pytest

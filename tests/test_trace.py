@@ -6,7 +6,6 @@ list, and narrow enough that a wrong variance or a biased estimator fails.
 """
 
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -95,11 +95,12 @@ class SpectralDensity:
         se = float(samples.std(ddof=1) / math.sqrt(samples.size)) if samples.size > 1 else math.inf
         return TraceEstimate(mean, se, self.num_products, samples.size, "slq", True, samples)
 
-    def plot(self, **kwargs: Any) -> Any:
-        """Draw the density (needs matplotlib); see :func:`hessian_eigenthings.spectrum.plot_spectral_density`."""
+    def plot(self, path: Any = None, **kwargs: Any) -> Any:
+        """Draw the density, saved to ``path`` if given (needs matplotlib); returns the Figure.
+        Keyword arguments as for :func:`hessian_eigenthings.spectrum.plot_spectral_density`."""
         from .plot import plot_spectral_density
 
-        return plot_spectral_density(self, **kwargs)
+        return plot_spectral_density(self, path, **kwargs)
 
 
 def gaussian_mixture(points: np.ndarray, centers: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
