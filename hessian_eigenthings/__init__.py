@@ -30,3 +30,45 @@ __all__ = [
     "NoConvergenceError",
     "NonFiniteError",
 ]
+
+# Spectrum analysis (trace, diagonal, density, dense Hessians) and the GGN / empirical Fisher operators.
+from .operators.ggn import EmpiricalFisherOperator, GGNOperator  # noqa: E402
+from .spectrum import (  # noqa: E402
+    DiagonalEstimate,
+    SpectralDensity,
+    TraceEstimate,
+    dense_eigenthings,
+    dense_matrix,
+    exact_diagonal,
+    hessian_density,
+    hessian_diagonal,
+    hessian_trace,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    loss_hessian,
+    output_hessian,
+    plot_spectral_density,
+    spectral_density,
+)
+
+__all__ += [
+    "GGNOperator",
+    "EmpiricalFisherOperator",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "TraceEstimate",
+    "hutchinson_diagonal",
+    "exact_diagonal",
+    "DiagonalEstimate",
+    "spectral_density",
+    "SpectralDensity",
+    "plot_spectral_density",
+    "dense_matrix",
+    "loss_hessian",
+    "output_hessian",
+    "dense_eigenthings",
+    "hessian_trace",
+    "hessian_density",
+    "hessian_diagonal",
+]

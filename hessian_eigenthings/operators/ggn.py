@@ -1,0 +1,243 @@
+"""Curvature operators beside the Hessian: the generalized Gauss-Newton and the empirical Fisher.
+
+For a loss ``L(theta) = mean_i l(f(x_i; theta), y_i)`` with outputs ``f`` and Jacobian
+``J = df/dtheta``:
+
+* Generalized Gauss-Newton (GGN): ``G = J^T H_out J`` with ``H_out`` the Hessian of the loss
+  w.r.t. the outputs. It is the Hessian with the term ``sum_k (dl/df_k) d^2 f_k / dtheta^2``
+  dropped, so ``G == H`` for a model linear in its parameters, and ``G`` is positive
+  semi-definite whenever the loss is convex in the outputs (MSE, cross-entropy).
+* Empirical Fisher: ``F = mean_i g_i g_i^T`` with ``g_i`` the gradient of sample i's loss; PSD,
+  rank at most the number of samples.
+
+Both are :class:`ModelOperator` subclasses: the data loop, weighting, micro-batching, devices,
+``params=`` blocks and the model-state guarantees are those of :class:`HVPOperator`, and every
+solver and estimator of the package works on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from ..data import call_model, num_samples, slice_samples
+from ..utils import logger
+from .model_operator import ModelOperator
+
+
+def _float_leaves(out: Any) -> list[Tensor]:
+    """The floating tensors in a model output (a tensor or a tuple/list/dict of them)."""
+    if isinstance(out, Tensor):
+        return [out] if out.dtype.is_floating_point else []
+    if isinstance(out, (tuple, list)):
+        return [leaf for item in out for leaf in _float_leaves(item)]
+    if isinstance(out, dict):
+        return [leaf for item in out.values() for leaf in _float_leaves(item)]
+    return []
+
+
+class _AutocastMixin:
+    fp16: bool
+    device: torch.device
+
+    def _autocast(self) -> Any:
+        if not self.fp16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16)
+
+
+class GGNOperator(_AutocastMixin, ModelOperator):
+    """The generalized Gauss-Newton matrix ``J^T H_out J`` of ``criterion(model(inputs), targets)``.
+
+    Exact: ``G v`` is computed as ``J^T (H_out (J v))`` with a Jacobian-vector product (the
+    double-vjp trick, so any autograd model works), a Hessian-vector product of the loss w.r.t.
+    the outputs, and a vector-Jacobian product. ``H_out`` is the Hessian of the batch-*mean* loss,
+    so ``G`` is averaged over samples exactly like the loss Hessian of :class:`HVPOperator`.
+
+    Models may return a tensor or a tuple/list/dict of tensors; ``criterion`` receives that
+    output as it is, and ``H_out`` couples all of its floating entries. Arguments are those of
+    :class:`HVPOperator` (``params=`` restricts ``G`` to a parameter block, which is the
+    corresponding block of the full ``G``).
+    """
+
+    def _chunk_products(
+        self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
+    ) -> tuple[Tensor, Tensor]:
+        """Mean loss of one micro-batch and its GGN times every column, shape (n, b)."""
+        with self._autocast():
+            outputs = call_model(self._work_model, inputs)
+            loss = self.criterion(outputs, targets)
+        self._check_loss(loss, label)
+        out = torch.zeros(self.size, len(columns), dtype=self.dtype, device=self.device)
+        leaves = [t for t in _float_leaves(outputs) if t.requires_grad]
+        if not leaves:
+            return loss, out
+        # dl/df with its graph, so that a second differentiation gives H_out times a vector.
+        loss_grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        curved = [i for i, g in enumerate(loss_grads) if g is not None and g.requires_grad]
+        if not curved:  # the loss is linear in the outputs: H_out = 0
+            return loss, out
+        # J^T u for a dummy u: differentiating it w.r.t. u along v gives J v (forward mode
+        # through reverse mode), with nothing but ordinary autograd.
+        dummies = [torch.zeros_like(t, requires_grad=True) for t in leaves]
+        jt_u = torch.autograd.grad(leaves, self._params, grad_outputs=dummies, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
+        if not live:
+            return loss, out
+        if self._batched is not False:
+            try:
+                self._batched_products(leaves, loss_grads, curved, dummies, jt_u, live, columns, out)
+                self._batched = True
+                return loss, out
+            except RuntimeError as exc:
+                if self._batched:  # it worked before, so this is a real error
+                    raise
+                logger.info("GGNOperator: batched products are not supported by this model (%s); "
+                            "using one product at a time.", exc)
+                self._batched = False
+        for j, pieces in enumerate(columns):
+            self._column_product(leaves, loss_grads, curved, dummies, jt_u, live, pieces, out[:, j])
+        return loss, out
+
+
+    # None: not tried yet; True/False: whether vmapped backward passes work for this model.
+    _batched = None
+
+    def _column_product(self, leaves, loss_grads, curved, dummies, jt_u, live, pieces, target) -> None:
+        """One column of G v = J^T (H_out (J v)), written into ``target`` (n,)."""
+        jv = torch.autograd.grad(
+            [jt_u[i] for i in live], dummies, grad_outputs=[pieces[i].to(jt_u[i].dtype) for i in live],
+            retain_graph=True, allow_unused=True,
+        )
+        jv = [torch.zeros_like(t) if v is None else v for t, v in zip(leaves, jv)]
+        h_jv = torch.autograd.grad(
+            [loss_grads[i] for i in curved], leaves, grad_outputs=[jv[i] for i in curved],
+            retain_graph=True, allow_unused=True,
+        )
+        h_jv = [torch.zeros_like(t) if h is None else h for t, h in zip(leaves, h_jv)]
+        gv = torch.autograd.grad(leaves, self._params, grad_outputs=h_jv, retain_graph=True, allow_unused=True)
+        offsets = self._offsets
+        for i, g in enumerate(gv):
+            if g is not None:
+                target[offsets[i] : offsets[i + 1]] = g.reshape(-1).to(self.dtype)
+
+    def _batched_products(self, leaves, loss_grads, curved, dummies, jt_u, live, columns, out) -> None:
+        """All columns at once: the same three passes with a leading batch of b vectors (vmap)."""
+        b = len(columns)
+        stacked = [torch.stack([pieces[i] for pieces in columns]).to(jt_u[i].dtype) for i in live]
+        jv = torch.autograd.grad(
+            [jt_u[i] for i in live], dummies, grad_outputs=stacked, retain_graph=True, allow_unused=True,
+            is_grads_batched=True,
+        )
+        jv = [t.new_zeros((b,) + t.shape) if v is None else v for t, v in zip(leaves, jv)]
+        h_jv = torch.autograd.grad(
+            [loss_grads[i] for i in curved], leaves, grad_outputs=[jv[i] for i in curved], retain_graph=True,
+            allow_unused=True, is_grads_batched=True,
+        )
+        h_jv = [t.new_zeros((b,) + t.shape) if h is None else h for t, h in zip(leaves, h_jv)]
+        gv = torch.autograd.grad(
+            leaves, self._params, grad_outputs=h_jv, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        offsets = self._offsets
+        for i, g in enumerate(gv):
+            if g is not None:
+                out[offsets[i] : offsets[i + 1], :] = g.reshape(b, -1).T.to(self.dtype)
+
+
+PER_SAMPLE_MODES = ("auto", "vmap", "loop")
+
+
+class EmpiricalFisherOperator(_AutocastMixin, ModelOperator):
+    """The empirical Fisher ``mean_i g_i g_i^T``, ``g_i`` the gradient of sample i's loss.
+
+    Sample i's loss is ``criterion`` evaluated on that sample alone (a batch of one), which for a
+    mean-reduced loss makes the batch loss the mean of the sample losses. A micro-batch of B
+    samples costs its B per-sample gradients (memory B * n) and two matrix products per block.
+
+    Args:
+        per_sample: how per-sample gradients are computed: "vmap" (``torch.func``, one
+            vectorised pass), "loop" (one backward pass per sample; works for every model), or
+            "auto" (default: vmap, falling back to the loop, with a log message, for models that
+            ``torch.func`` cannot vectorise).
+        Other arguments: as for :class:`HVPOperator`.
+    """
+
+    def __init__(self, *args: Any, per_sample: str = "auto", **kwargs: Any) -> None:
+        if per_sample not in PER_SAMPLE_MODES:
+            raise ValueError(f"per_sample={per_sample!r} is not known; use one of {', '.join(map(repr, PER_SAMPLE_MODES))}.")
+        super().__init__(*args, **kwargs)
+        self.per_sample = per_sample
+
+    def _chunk_products(
+        self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
+    ) -> tuple[Tensor, Tensor]:
+        """Mean loss of one micro-batch and ``(1/B) G^T (G V)`` for its (B, n) per-sample gradients G."""
+        count = num_samples(inputs, targets, 0)
+        grads, losses = None, None
+        if self.per_sample in ("auto", "vmap"):
+            try:
+                grads, losses = self._per_sample_vmap(inputs, targets)
+            except Exception as exc:  # noqa: BLE001 - any torch.func limitation means: use the loop
+                if self.per_sample == "vmap":
+                    raise
+                logger.info("EmpiricalFisherOperator: torch.func cannot vectorise this model (%s); "
+                            "using one backward pass per sample.", exc)
+                self.per_sample = "loop"
+        if grads is None:
+            grads, losses = self._per_sample_loop(inputs, targets, count, label)
+        loss = losses.mean()
+        block = torch.stack([torch.cat([p.reshape(-1) for p in pieces]) for pieces in columns], dim=1)
+        out = grads.T @ (grads @ block.to(grads.dtype)) / count
+        return loss, out.to(self.dtype)
+
+    def _per_sample_loop(self, inputs: Any, targets: Any, count: int, label: str) -> tuple[Tensor, Tensor]:
+        grads = torch.zeros(count, self.size, dtype=self.dtype, device=self.device)
+        losses = []
+        offsets = self._offsets
+        for i in range(count):
+            loss = self._loss(slice_samples(inputs, i, i + 1), slice_samples(targets, i, i + 1), f"{label} sample {i}")
+            pieces = torch.autograd.grad(loss, self._params, allow_unused=True)
+            for k, g in enumerate(pieces):
+                if g is not None:
+                    grads[i, offsets[k] : offsets[k + 1]] = g.reshape(-1)
+            losses.append(loss.detach())
+        return grads, torch.stack(losses)
+
+    def _per_sample_vmap(self, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
+        model, criterion = self._work_model, self.criterion
+        chosen = {name: p.detach() for name, p in zip(self.param_names, self._params)}
+
+        def one_loss(weights: dict, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+            x1, y1 = _add_batch_dim(x), _add_batch_dim(y)
+            if isinstance(x1, (tuple, list)):
+                outputs = functional_call(model, weights, tuple(x1))
+            elif isinstance(x1, dict):
+                outputs = functional_call(model, weights, (), x1)
+            else:
+                outputs = functional_call(model, weights, (x1,))
+            loss = criterion(outputs, y1)
+            return loss, loss.detach()
+
+        randomness = "error" if self.eval_mode else "different"
+        with self._autocast():
+            per_grads, losses = vmap(grad(one_loss, has_aux=True), in_dims=(None, 0, 0), randomness=randomness)(
+                chosen, inputs, targets
+            )
+        flat = torch.cat([per_grads[name].reshape(losses.shape[0], -1) for name in self.param_names], dim=1)
+        return flat.to(self.dtype), losses
+
+
+def _add_batch_dim(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.unsqueeze(0)
+    if isinstance(obj, tuple):
+        return tuple(_add_batch_dim(item) for item in obj)
+    if isinstance(obj, list):
+        return [_add_batch_dim(item) for item in obj]
+    if isinstance(obj, dict):
+        return {key: _add_batch_dim(item) for key, item in obj.items()}
+    return obj

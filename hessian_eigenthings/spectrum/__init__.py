@@ -1,0 +1,44 @@
+"""Spectrum analysis beyond the top eigenpairs: trace, diagonal, spectral density, dense Hessians.
+
+Every estimator works on any :class:`~hessian_eigenthings.operators.Operator` (the loss Hessian,
+the GGN, the empirical Fisher, a parameter block of any of them, a user's own operator); the
+``hessian_*`` functions are one-call wrappers for a model's loss over a dataloader.
+
+* ``trace.py``: :func:`hutchinson_trace`, :func:`hutchpp_trace` (estimate and standard error).
+* ``diagonal.py``: :func:`hutchinson_diagonal`, :func:`exact_diagonal`.
+* ``density.py``: :func:`spectral_density` (stochastic Lanczos quadrature).
+* ``plot.py``: :func:`plot_spectral_density` (matplotlib, an optional extra).
+* ``dense.py``: :func:`dense_matrix`, :func:`loss_hessian`, :func:`output_hessian`,
+  :func:`dense_eigenthings`.
+* ``api.py``: :func:`hessian_trace`, :func:`hessian_density`, :func:`hessian_diagonal`.
+"""
+
+from .api import CURVATURES, curvature_operator, hessian_density, hessian_diagonal, hessian_trace
+from .dense import dense_eigenthings, dense_matrix, loss_hessian, output_hessian, split_by_parameter
+from .density import SpectralDensity, spectral_density
+from .diagonal import DiagonalEstimate, exact_diagonal, hutchinson_diagonal
+from .plot import plot_spectral_density
+from .trace import TraceEstimate, estimate_trace, hutchinson_trace, hutchpp_trace
+
+__all__ = [
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "estimate_trace",
+    "TraceEstimate",
+    "hutchinson_diagonal",
+    "exact_diagonal",
+    "DiagonalEstimate",
+    "spectral_density",
+    "SpectralDensity",
+    "plot_spectral_density",
+    "dense_matrix",
+    "loss_hessian",
+    "output_hessian",
+    "split_by_parameter",
+    "dense_eigenthings",
+    "hessian_trace",
+    "hessian_density",
+    "hessian_diagonal",
+    "curvature_operator",
+    "CURVATURES",
+]

@@ -1,0 +1,170 @@
+"""One-call helpers, in the style of ``compute_hessian_eigenthings``: trace, spectral density and
+diagonal of a model's loss Hessian (or its GGN / empirical Fisher) over a dataloader.
+
+Each builds the curvature operator and hands it to the generic estimator; keyword arguments go
+to the operator (``params``, ``eval_mode``, ``device``, ``check_finite``, and ``per_sample`` for
+the Fisher) or to the estimator, and an unknown one is a TypeError that lists both.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from ..eigenthings import _OPERATOR_KWARGS
+from ..operators.ggn import EmpiricalFisherOperator, GGNOperator
+from ..operators.hvp import HVPOperator
+from ..operators.model_operator import ModelOperator
+from .density import SpectralDensity, spectral_density
+from .diagonal import DiagonalEstimate, exact_diagonal, hutchinson_diagonal
+from .trace import TRACE_METHODS, TraceEstimate
+
+CURVATURES: dict[str, type] = {
+    "hessian": HVPOperator,
+    "ggn": GGNOperator,
+    "fisher": EmpiricalFisherOperator,
+}
+
+
+def curvature_operator(
+    model: nn.Module,
+    dataloader: Any,
+    loss: Callable[[Any, Any], Tensor],
+    curvature: str = "hessian",
+    full_dataset: bool = True,
+    use_gpu: bool = True,
+    fp16: bool = False,
+    max_possible_gpu_samples: int = 2**16,
+    **operator_kwargs: Any,
+) -> ModelOperator:
+    """The operator of ``curvature``: "hessian" (:class:`HVPOperator`), "ggn" (:class:`GGNOperator`)
+    or "fisher" (:class:`EmpiricalFisherOperator`), with the usual operator arguments."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature={curvature!r} is not known; choose one of {', '.join(map(repr, CURVATURES))}.")
+    return CURVATURES[curvature](
+        model, dataloader, loss, use_gpu=use_gpu, fp16=fp16, full_dataset=full_dataset,
+        max_possible_gpu_samples=max_possible_gpu_samples, **operator_kwargs,
+    )
+
+
+def _split_kwargs(caller: str, estimator: Callable[..., Any], curvature: str, kwargs: dict) -> tuple[dict, dict]:
+    op_names = _OPERATOR_KWARGS + (("per_sample",) if curvature == "fisher" else ())
+    accepted = [name for name in inspect.signature(estimator).parameters if name != "operator"]
+    unknown = [name for name in kwargs if name not in accepted and name not in op_names]
+    if unknown:
+        raise TypeError(
+            f"{caller} got unknown keyword argument(s) {', '.join(unknown)}. Estimator options: "
+            f"{', '.join(accepted)}; operator options: {', '.join(op_names)}."
+        )
+    op_kwargs = {name: value for name, value in kwargs.items() if name in op_names}
+    est_kwargs = {name: value for name, value in kwargs.items() if name not in op_names}
+    return op_kwargs, est_kwargs
+
+
+def hessian_trace(
+    model: nn.Module,
+    dataloader: Any,
+    loss: Callable[[Any, Any], Tensor],
+    method: str = "hutch++",
+    full_dataset: bool = True,
+    use_gpu: bool = True,
+    fp16: bool = False,
+    max_possible_gpu_samples: int = 2**16,
+    curvature: str = "hessian",
+    **kwargs: Any,
+) -> TraceEstimate:
+    """Trace of the Hessian of ``loss(model(x), y)`` over ``dataloader``, with its standard error.
+
+    Args:
+        model, dataloader, loss, full_dataset, use_gpu, fp16, max_possible_gpu_samples: as in
+            :func:`compute_hessian_eigenthings`. With ``full_dataset=False`` every product uses
+            the next mini-batch, and the estimate is of the expected mini-batch Hessian.
+        method: "hutch++" (default) or "hutchinson".
+        curvature: "hessian" (default), "ggn" or "fisher".
+        **kwargs: to the operator (``params``, ``eval_mode``, ``device``, ``check_finite``) or to
+            the estimator (``max_products``, ``tol``, ``rtol``, ``distribution``, ``seed``,
+            ``verbose``, ...; see :func:`hutchpp_trace`).
+
+    Returns:
+        A :class:`TraceEstimate` (``.estimate``, ``.std_error``, ``.num_products``).
+    """
+    if method not in TRACE_METHODS:
+        raise ValueError(f"method={method!r} is not known; choose one of {', '.join(map(repr, TRACE_METHODS))}.")
+    estimator = TRACE_METHODS[method]
+    op_kwargs, est_kwargs = _split_kwargs("hessian_trace", estimator, curvature, kwargs)
+    op = curvature_operator(model, dataloader, loss, curvature, full_dataset, use_gpu, fp16,
+                            max_possible_gpu_samples, **op_kwargs)
+    return estimator(op, **est_kwargs)
+
+
+def hessian_density(
+    model: nn.Module,
+    dataloader: Any,
+    loss: Callable[[Any, Any], Tensor],
+    num_probes: int = 10,
+    num_steps: int = 80,
+    use_gpu: bool = True,
+    fp16: bool = False,
+    max_possible_gpu_samples: int = 2**16,
+    curvature: str = "hessian",
+    **kwargs: Any,
+) -> SpectralDensity:
+    """Spectral density of the Hessian of ``loss(model(x), y)`` over the whole ``dataloader``, by SLQ.
+
+    Args:
+        model, dataloader, loss, use_gpu, fp16, max_possible_gpu_samples: as in
+            :func:`compute_hessian_eigenthings` (always the full dataset: Lanczos needs a fixed
+            operator).
+        num_probes, num_steps: SLQ start vectors and Lanczos steps each (see :func:`spectral_density`).
+        curvature: "hessian" (default), "ggn" or "fisher".
+        **kwargs: to the operator (``params``, ...) or to :func:`spectral_density` (``sigma``,
+            ``grid``, ``grid_size``, ``seed``, ``verbose``, ...).
+
+    Returns:
+        A :class:`SpectralDensity`; ``.plot(path)`` draws it.
+    """
+    op_kwargs, est_kwargs = _split_kwargs("hessian_density", spectral_density, curvature, kwargs)
+    op = curvature_operator(model, dataloader, loss, curvature, True, use_gpu, fp16,
+                            max_possible_gpu_samples, **op_kwargs)
+    return spectral_density(op, num_probes=num_probes, num_steps=num_steps, **est_kwargs)
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    dataloader: Any,
+    loss: Callable[[Any, Any], Tensor],
+    exact: bool = False,
+    full_dataset: bool = True,
+    use_gpu: bool = True,
+    fp16: bool = False,
+    max_possible_gpu_samples: int = 2**16,
+    curvature: str = "hessian",
+    **kwargs: Any,
+) -> DiagonalEstimate:
+    """Diagonal of the Hessian of ``loss(model(x), y)`` over ``dataloader``.
+
+    Args:
+        exact: False (default): Hutchinson's stochastic estimate with per-entry standard errors
+            (:func:`hutchinson_diagonal`); True: the exact diagonal from n products
+            (:func:`exact_diagonal`, for small models or a ``params=`` block; full dataset only).
+        model, dataloader, loss, full_dataset, use_gpu, fp16, max_possible_gpu_samples: as in
+            :func:`compute_hessian_eigenthings`.
+        curvature: "hessian" (default), "ggn" or "fisher".
+        **kwargs: to the operator (``params``, ...) or to the estimator (``max_products``, ``tol``,
+            ``rtol``, ``seed``, ``block_size``, ``verbose``, ...).
+
+    Returns:
+        A :class:`DiagonalEstimate`; ``info["by_parameter"]`` holds the diagonal split into
+        tensors shaped like the parameters, by name.
+    """
+    estimator = exact_diagonal if exact else hutchinson_diagonal
+    op_kwargs, est_kwargs = _split_kwargs("hessian_diagonal", estimator, curvature, kwargs)
+    if exact and not full_dataset:
+        raise ValueError("hessian_diagonal(exact=True) needs the whole dataset: leave full_dataset=True.")
+    op = curvature_operator(model, dataloader, loss, curvature, full_dataset, use_gpu, fp16,
+                            max_possible_gpu_samples, **op_kwargs)
+    result = estimator(op, **est_kwargs)
+    result.info["by_parameter"] = op.unflatten(result.diagonal)
+    return result

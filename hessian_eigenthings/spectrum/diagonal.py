@@ -1,0 +1,184 @@
+"""The diagonal of a symmetric operator: stochastic (with a standard error per entry) or exact.
+
+Stochastic (Bekas, Kokiopoulou, Saad 2007): ``diag(A) = E[z * (A z)]`` for probes with
+``E[z z^T] = I``. With Rademacher probes the variance of entry i of one sample is
+``sum_{j != i} A_ij^2`` (a diagonal matrix is recovered exactly by one probe); with Gaussian
+probes it is ``sum_j A_ij^2 + A_ii^2``.
+
+Exact: ``A_ii = e_i^T A e_i`` from n products with the unit vectors, in blocks; it needs no
+dense matrix, so it works for any operator whose n products are affordable (small models).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..operators.base import Operator, as_operator
+from ..solvers.result import ConvergenceWarning
+from ..utils import check_positive_int, logger, progress
+from .probes import check_distribution, draw_probes, probe_generator
+from .trace import _check_stopping
+
+
+@dataclass
+class DiagonalEstimate:
+    """An estimate of ``diag(A)`` and how it was obtained.
+
+    Attributes:
+        diagonal: (n,) tensor on the operator's device and dtype, laid out like the operator's
+            vectors (for a model operator, ``op.unflatten(d)`` splits it by parameter).
+        std_error: (n,) standard error of each entry (zeros for the exact diagonal; ``inf``
+            with fewer than two probes).
+        num_products: operator-vector products used.
+        num_probes: probes used (n for the exact diagonal).
+        method: "hutchinson" or "exact".
+        converged: False when a requested ``tol`` / ``rtol`` was not reached within the budget.
+        info: extras (the probe distribution).
+    """
+
+    diagonal: Tensor
+    std_error: Tensor
+    num_products: int
+    num_probes: int
+    method: str
+    converged: bool = True
+    info: dict = field(default_factory=dict)
+
+    def trace(self) -> float:
+        """The sum of the diagonal, the trace estimate it implies."""
+        return float(self.diagonal.double().sum())
+
+
+def hutchinson_diagonal(
+    operator: Union[Operator, Tensor, np.ndarray],
+    max_products: int = 100,
+    tol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    *,
+    distribution: str = "rademacher",
+    min_probes: int = 10,
+    block_size: int = 16,
+    seed: Optional[int] = 0,
+    verbose: bool = True,
+) -> DiagonalEstimate:
+    """Stochastic estimate of the diagonal of a symmetric operator, with per-entry standard errors.
+
+    Args:
+        operator: an :class:`Operator` or a dense symmetric matrix.
+        max_products: the budget: at most this many probes (one product each). Without ``tol``
+            and ``rtol`` exactly this many are used.
+        tol: stop once every entry's standard error is at most ``tol`` (absolute).
+        rtol: stop once ``||std_error||_2 <= rtol * ||diagonal||_2``. With both, either stops.
+        distribution: "rademacher" (default; exact on a diagonal matrix) or "gaussian".
+        min_probes: probes before the standard errors are trusted for stopping.
+        block_size: probes per block product.
+        seed: seed of the private probe generator (None: fresh randomness).
+        verbose: show a progress bar.
+
+    Returns:
+        A :class:`DiagonalEstimate`. Warns (``ConvergenceWarning``) when a tolerance was asked for
+        and the budget ran out first.
+    """
+    op = as_operator(operator)
+    max_products, min_probes, block_size = _check_stopping(max_products, tol, rtol, min_probes, block_size)
+    distribution = check_distribution(distribution)
+    adaptive = tol is not None or rtol is not None
+    gen = probe_generator(seed)
+    first = op.num_products
+    # Running mean and sum of squared deviations (Chan et al.'s block update) in float64, which
+    # avoids the cancellation of sum-of-squares formulas when entries are large.
+    stat_dtype = torch.float64 if op.device.type != "mps" else torch.float32
+    mean = torch.zeros(op.size, dtype=stat_dtype, device=op.device)
+    m2 = torch.zeros_like(mean)
+    count = 0
+    met = not adaptive
+    with progress(total=max_products, desc="diagonal (Hutchinson)", verbose=verbose) as bar:
+        while count < max_products:
+            b = min(block_size, max_products - count)
+            probes = draw_probes(op, b, distribution, gen)
+            values = (probes * op.apply_block(probes)).to(stat_dtype)
+            block_mean = values.mean(dim=1)
+            block_m2 = ((values - block_mean.unsqueeze(1)) ** 2).sum(dim=1)
+            delta = block_mean - mean
+            total = count + b
+            mean += delta * (b / total)
+            m2 += block_m2 + delta**2 * (count * b / total)
+            count = total
+            bar.update(b)
+            if adaptive and count >= min_probes:
+                se = _std_error(m2, count)
+                ok_abs = tol is not None and bool(se.max() <= tol)
+                ok_rel = rtol is not None and bool(torch.linalg.vector_norm(se) <= rtol * torch.linalg.vector_norm(mean))
+                if ok_abs or ok_rel:
+                    met = True
+                    break
+    se = _std_error(m2, count)
+    result = DiagonalEstimate(
+        mean.to(op.dtype), se.to(op.dtype), op.num_products - first, count, "hutchinson", met,
+        info={"distribution": distribution},
+    )
+    if not met:
+        warnings.warn(
+            f"hutchinson_diagonal: the budget of {result.num_products} products ran out with max standard "
+            f"error {float(se.max()):.3g} and ||std_error|| / ||diagonal|| = "
+            f"{float(torch.linalg.vector_norm(se) / torch.linalg.vector_norm(mean).clamp_min(1e-300)):.3g}, "
+            f"above the requested tolerance. Raise max_products (errors fall like 1/sqrt(products)) or "
+            f"loosen tol/rtol.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    logger.info("hutchinson_diagonal: %d probes, max standard error %.3g.", count, float(se.max()))
+    return result
+
+
+def _std_error(m2: Tensor, count: int) -> Tensor:
+    if count < 2:
+        return torch.full_like(m2, math.inf)
+    return torch.sqrt(m2 / (count - 1) / count)
+
+
+def exact_diagonal(
+    operator: Union[Operator, Tensor, np.ndarray],
+    *,
+    block_size: int = 64,
+    verbose: bool = True,
+) -> DiagonalEstimate:
+    """The exact diagonal of a symmetric operator from n products with the unit vectors.
+
+    Memory is ``n * block_size`` numbers (never the (n, n) matrix); the cost is n products, so this
+    is for small models or parameter blocks (``params=``).
+
+    Args:
+        operator: an :class:`Operator` or a dense symmetric matrix.
+        block_size: unit vectors per block product.
+        verbose: show a progress bar.
+
+    Returns:
+        A :class:`DiagonalEstimate` with ``method="exact"`` and zero standard errors.
+    """
+    op = as_operator(operator)
+    block_size = check_positive_int(block_size, "block_size")
+    if op.is_stochastic:
+        raise ValueError(
+            "exact_diagonal needs a deterministic operator, but this one uses a different mini-batch for "
+            "every product; build it with full_dataset=True."
+        )
+    n = op.size
+    first = op.num_products
+    diag = torch.empty(n, dtype=op.dtype, device=op.device)
+    with progress(total=n, desc="exact diagonal", verbose=verbose) as bar:
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            units = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
+            idx = torch.arange(start, stop, device=op.device)
+            units[idx, idx - start] = 1
+            diag[start:stop] = op.apply_block(units)[idx, idx - start]
+            bar.update(stop - start)
+    return DiagonalEstimate(diag, torch.zeros_like(diag), op.num_products - first, n, "exact")

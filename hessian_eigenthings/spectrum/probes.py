@@ -1,0 +1,52 @@
+"""Random probe vectors for the stochastic estimators, from a private generator.
+
+The global random state is never touched. Probes are drawn as rows of a (b, n) block and
+returned transposed, so a stream of probes does not depend on how it is split into blocks: the
+same seed gives the same probes whether they are drawn one at a time or sixteen at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..operators.base import Operator
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def check_distribution(distribution: str) -> str:
+    """Validate a probe distribution name: "rademacher" (entries +-1) or "gaussian" (standard normal)."""
+    if not isinstance(distribution, str) or distribution.lower() not in DISTRIBUTIONS:
+        raise ValueError(
+            f"distribution={distribution!r} is not supported; use 'rademacher' (entries +-1, the lower "
+            f"variance for trace and diagonal) or 'gaussian' (standard normal entries)."
+        )
+    return distribution.lower()
+
+
+def probe_generator(seed: Optional[int]) -> torch.Generator:
+    """A private CPU generator; ``seed=None`` seeds it from fresh OS entropy."""
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def draw_probes(operator: Operator, count: int, distribution: str, gen: torch.Generator) -> Tensor:
+    """(n, count) probe vectors with E[z z^T] = I, on the operator's device and dtype.
+
+    Drawn on the host in float64 and then converted, so the stream is the same for every device
+    and dtype of the operator.
+    """
+    n = operator.size
+    if distribution == "rademacher":
+        rows = torch.randint(0, 2, (count, n), generator=gen, dtype=torch.int8).to(torch.float64).mul_(2).sub_(1)
+    else:
+        # One draw per row: torch's normal sampler fills a block in a size-dependent order.
+        rows = torch.stack([torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(count)])
+    return rows.T.to(device=operator.device, dtype=operator.dtype).contiguous()
