@@ -49,11 +49,13 @@ SHORT_TIMEOUT_S = 5.0
 
 
 # -- running ranks -----------------------------------------------------------------------------
-def _entry(rank: int, worker_name: str, folder: str) -> None:
-    """One rank: join the gloo group, run the worker, save what it returned (or its traceback)."""
+def _entry(rank: int, worker_name: str, folder: str, backend: str) -> None:
+    """One rank: join the group, run the worker, save what it returned (or its traceback)."""
     torch.set_num_threads(1)  # two ranks share two cores
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD,
+        backend, init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD,
         timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S),
     )
     try:
@@ -64,9 +66,9 @@ def _entry(rank: int, worker_name: str, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def _run_ranks(worker_name: str, folder: Path, limit_s: float) -> list[dict]:
+def _run_ranks(worker_name: str, folder: Path, limit_s: float, backend: str = "gloo") -> list[dict]:
     """Run ``worker_name`` on 2 spawned ranks; fail (and kill them) if they take over ``limit_s``."""
-    context = mp.spawn(_entry, args=(worker_name, str(folder)), nprocs=WORLD, join=False)
+    context = mp.spawn(_entry, args=(worker_name, str(folder), backend), nprocs=WORLD, join=False)
     deadline = time.monotonic() + limit_s
     try:
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -195,6 +197,25 @@ def _failure_worker(rank: int) -> dict:
     else:
         attempt("peer_gone", op, v)
     return out
+
+
+def _nccl_worker(rank: int) -> dict:
+    model = small_mlp().to(f"cuda:{rank}")
+    _, _, loader = _shard(rank)  # batches stay on the host; the operator moves them
+    block = torch.randn(model_size(model), 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    op = HVPOperator(model, loader, F.cross_entropy)
+    out = {"block": op.apply_block(block.to(op.device)).cpu(), "device": str(op.device)}
+    # A CPU operator under NCCL: the reduction moves its buffer to this rank's GPU and back.
+    cpu_op = HVPOperator(small_mlp(), loader, F.cross_entropy, device="cpu")
+    out["cpu_block"] = cpu_op.apply_block(block)
+    out["random"] = random_vectors(op, 2, seed=None).cpu()
+    res = lanczos(op, num_eigenthings=3, tol=1e-10, seed=None, verbose=False)
+    out["lanczos"] = res.eigenvalues
+    return out
+
+
+def model_size(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -340,3 +361,22 @@ def test_shard_indices_reject_bad_arguments():
     with pytest.raises(ValueError, match="world_size"):
         distributed.shard_indices(10, 0, 0)
     assert distributed.shard_indices(10) == range(10)  # one process holds everything
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 GPUs and NCCL")
+def test_two_gpu_ranks_over_nccl_match_the_single_process_hessian(mlp_problem, tmp_path):
+    _, _, _, _, hessian = mlp_problem
+    r0, r1 = _run_ranks("_nccl_worker", tmp_path, limit_s=120, backend="nccl")
+    block = torch.randn(hessian.shape[0], 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    expected = hessian @ block
+    assert (r0["device"], r1["device"]) == ("cuda:0", "cuda:1")
+    for out in (r0, r1):
+        for key in ("block", "cpu_block"):
+            assert torch.allclose(out[key], expected, rtol=1e-9, atol=1e-11 * expected.abs().max()), key
+    assert torch.equal(r0["random"], r1["random"])
+    assert np.array_equal(r0["lanczos"], r1["lanczos"])
+    with _one_thread():
+        exact = torch.linalg.eigvalsh(hessian)
+    top = exact[torch.argsort(exact.abs(), descending=True)[:3]].numpy()
+    assert np.allclose(r0["lanczos"], top, rtol=1e-8, atol=0)
