@@ -9,6 +9,8 @@ from typing import Any, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import is_main_process
+
 logger = logging.getLogger("hessian_eigenthings")
 
 
@@ -19,8 +21,12 @@ def progress(
     verbose: bool = True,
     leave: bool = True,
 ) -> tqdm:
-    """A tqdm bar that is silenced (not even created on the terminal) when ``verbose`` is False."""
-    return tqdm(iterable, total=total, desc=desc, disable=not verbose, leave=leave, dynamic_ncols=True)
+    """A tqdm bar that is silenced (not even created on the terminal) when ``verbose`` is False, and
+    on every rank but 0 under torch.distributed (the ranks run the same steps; one bar is enough)."""
+    return tqdm(
+        iterable, total=total, desc=desc, disable=not verbose or not is_main_process(), leave=leave,
+        dynamic_ncols=True,
+    )
 
 
 def check_positive_int(value: Any, name: str) -> int:

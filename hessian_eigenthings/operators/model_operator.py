@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch
 from ..model_utils import (
     ParamSpec,
@@ -36,7 +37,24 @@ class ModelOperator(Operator):
 
     The operator is the sample-weighted mean over micro-batches of what ``_chunk_products``
     returns for each; see :class:`HVPOperator` for the meaning of every argument.
+
+    Under torch.distributed (an initialised process group), each rank passes the dataloader of
+    its own shard of the data and every product is ONE all-reduce of the sample-weighted sums and
+    sample counts: every rank gets the same product with the curvature of the mean loss over the
+    union of the shards, exact for uneven shards (``num_samples`` is then the global count). Every
+    rank must make the same products in the same order, with the same vectors (checked). An error
+    inside a product on one rank (a NaN/Inf, a bad batch) is raised on every rank instead of
+    leaving the others waiting. A ``DistributedDataParallel``-wrapped model is unwrapped: products
+    use ``model.module`` (the same parameter tensors; parameter names are those of
+    ``model.module``), so DDP's hooks and collectives never run. Set ``reduce_across_ranks =
+    False`` on an operator for a rank-local one, or ``process_group`` to reduce over a subgroup.
     """
+
+    #: All-reduce every product over the ranks of ``process_group`` when torch.distributed is
+    #: initialised; False makes this operator rank-local (its own shard only).
+    reduce_across_ranks: bool = True
+    #: The process group of the all-reduce; None is the default (world) group.
+    process_group: Any = None
 
     def __init__(
         self,
@@ -53,6 +71,7 @@ class ModelOperator(Operator):
         device: Any = None,
         check_finite: bool = True,
     ) -> None:
+        model = distributed.unwrap_model(model)
         names, chosen = select_parameters(model, params)
         if not callable(criterion):
             raise TypeError(f"criterion must be a callable loss(outputs, targets), got {type(criterion).__name__}.")
@@ -108,19 +127,23 @@ class ModelOperator(Operator):
         total = torch.zeros_like(mat)
         seen = 0
         checks: list[tuple[str, Tensor, Tensor]] = []
-        with self._product_context():
+        # Under a process group, an error on this rank is held until every rank has joined the
+        # product's all-reduce, then raised on all of them (single process: a no-op).
+        guard = distributed.ProductGuard(self.process_group, self.reduce_across_ranks, (NonFiniteError,))
+        with guard, self._product_context():
             for label, inputs, targets, count in self._chunks():
                 loss, hv = self._chunk_products(inputs, targets, columns, label)
                 total.add_(hv, alpha=count)
                 seen += count
                 if self.check_finite:
                     checks.append((label, loss.detach(), torch.isfinite(hv).all()))
+            if checks:
+                self._raise_if_not_finite(checks)
+        total, seen = guard.reduce(total, seen, mat)
         if seen == 0:
             raise ValueError("Every batch of the dataloader was empty (0 samples); there is no loss to differentiate.")
         if self.full_dataset:
             self.num_samples = seen
-        if checks:
-            self._raise_if_not_finite(checks)
         return total.div_(seen)
 
     def _chunk_products(

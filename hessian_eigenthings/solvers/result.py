@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..distributed import broadcast
 from ..operators.base import Operator
 
 
@@ -139,13 +140,21 @@ def check_init_vectors(init: Any, operator: Operator, count: int, name: str) -> 
 
 
 def random_vectors(operator: Operator, count: int, seed: Optional[int]) -> Tensor:
-    """(n, count) standard normal vectors from a private generator (the global RNG is not touched)."""
+    """(n, count) standard normal vectors from a private generator (the global RNG is not touched).
+
+    The same on every rank under torch.distributed: a given ``seed`` draws the same numbers
+    everywhere, and with ``seed=None`` rank 0's fresh draw is broadcast (so under a process group
+    every rank must call this, as it must call the solver that does).
+    """
     gen = torch.Generator(device="cpu")
     if seed is None:
         gen.seed()
     else:
         gen.manual_seed(int(seed))
-    return torch.randn(operator.size, count, generator=gen, dtype=operator.dtype).to(operator.device)
+    vectors = torch.randn(operator.size, count, generator=gen, dtype=operator.dtype)
+    if seed is None:
+        vectors = broadcast(vectors, src=0)
+    return vectors.to(operator.device)
 
 
 def compat_flags(solver: str, fp16: bool) -> None:
