@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import is_main_process
+from .distributed import broadcast, is_main_process
 
 logger = logging.getLogger("hessian_eigenthings")
 
@@ -27,6 +27,21 @@ def progress(
         iterable, total=total, desc=desc, disable=not verbose or not is_main_process(), leave=leave,
         dynamic_ncols=True,
     )
+
+
+def private_generator(seed: Optional[int]) -> torch.Generator:
+    """A CPU generator of our own, so that random start and probe vectors never touch the global RNG.
+
+    ``seed=None`` seeds it from fresh OS entropy; under torch.distributed rank 0's seed is then
+    broadcast (one collective, so every rank must call this), so every rank draws the same numbers.
+    """
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        fresh = torch.tensor([gen.seed() & (2**62 - 1)], dtype=torch.int64)
+        gen.manual_seed(int(broadcast(fresh, src=0)[0]))
+    else:
+        gen.manual_seed(int(seed))
+    return gen
 
 
 def check_positive_int(value: Any, name: str) -> int:

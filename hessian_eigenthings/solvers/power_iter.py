@@ -219,7 +219,8 @@ def _iterate(
     x = project(x0)
     norm = torch.linalg.vector_norm(x)
     if float(norm) == 0:  # a start vector inside the found subspace: take any other direction
-        x = project(torch.randn_like(x0))
+        # a fixed private seed keeps the global RNG untouched and every rank identical
+        x = project(random_vectors(op, 1, seed=len(x0) + (0 if basis is None else basis.shape[1]))[:, 0])
         norm = torch.linalg.vector_norm(x)
     x = x / norm
     x_prev = torch.zeros_like(x)

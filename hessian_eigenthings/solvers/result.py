@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..distributed import broadcast
+from ..utils import private_generator
 from ..operators.base import Operator
 
 
@@ -142,18 +142,10 @@ def check_init_vectors(init: Any, operator: Operator, count: int, name: str) -> 
 def random_vectors(operator: Operator, count: int, seed: Optional[int]) -> Tensor:
     """(n, count) standard normal vectors from a private generator (the global RNG is not touched).
 
-    The same on every rank under torch.distributed: a given ``seed`` draws the same numbers
-    everywhere, and with ``seed=None`` rank 0's fresh draw is broadcast (so under a process group
-    every rank must call this, as it must call the solver that does).
+    The same on every rank under torch.distributed (see :func:`~hessian_eigenthings.utils.private_generator`).
     """
-    gen = torch.Generator(device="cpu")
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
+    gen = private_generator(seed)
     vectors = torch.randn(operator.size, count, generator=gen, dtype=operator.dtype)
-    if seed is None:
-        vectors = broadcast(vectors, src=0)
     return vectors.to(operator.device)
 
 

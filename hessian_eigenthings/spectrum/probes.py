@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..operators.base import Operator
+from ..utils import private_generator
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -28,13 +29,9 @@ def check_distribution(distribution: str) -> str:
 
 
 def probe_generator(seed: Optional[int]) -> torch.Generator:
-    """A private CPU generator; ``seed=None`` seeds it from fresh OS entropy."""
-    gen = torch.Generator(device="cpu")
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    return gen
+    """A private CPU generator; ``seed=None`` seeds it from fresh OS entropy (the same on every rank
+    under torch.distributed)."""
+    return private_generator(seed)
 
 
 def draw_probes(operator: Operator, count: int, distribution: str, gen: torch.Generator) -> Tensor:
