@@ -54,9 +54,10 @@ def half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return 0.5 * (outputs - targets).pow(2).sum(dim=1).mean()
 
 
-def make_problem(loss: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Callable]:
-    """The full digits training set on ``device`` as (inputs, targets, criterion)."""
+def make_problem(loss: str, device: torch.device, samples: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+    """The digits training set (all 1797, or the first ``samples``) on ``device`` as (inputs, targets, criterion)."""
     inputs, labels = digits_loaders(batch_size=2048, device=str(device)).dataset.tensors
+    inputs, labels = inputs[:samples], labels[:samples]
     if loss == "mse":
         return inputs.to(device), nn.functional.one_hot(labels, 10).float().to(device), half_squared_error
     return inputs.to(device), labels.to(device), nn.functional.cross_entropy
@@ -73,6 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--loss", choices=LOSSES, default="mse",
                         help="mse (half squared error to one-hot, default) or ce (cross-entropy)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--samples", type=int, default=None, help="train on the first this many digits (default: all 1797)")
     parser.add_argument("--out", default=".", help="folder for sharpness.png and the log (default: here)")
     parser.add_argument("--log-format", choices=["jsonl", "csv"], default="jsonl", help="log file format")
     parser.add_argument("--resume", action="store_true",
@@ -84,8 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    for name in ("steps", "every", "k", "width", "threads"):
-        if getattr(args, name) <= 0:
+    for name in ("steps", "every", "k", "width", "threads", "samples"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
@@ -101,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SharpnessTracker:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    inputs, targets, criterion = make_problem(args.loss, device)
+    inputs, targets, criterion = make_problem(args.loss, device, args.samples)
     model = (make_mlp(args.width) if args.model == "mlp" else SmallCNN(args.width)).to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
