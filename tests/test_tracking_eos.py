@@ -7,7 +7,8 @@ rises until it reaches 2/lr and then stays there, oscillating (self-stabilisatio
 For this model we measured sharpness * lr / 2 between 0.95 and 1.06 over steps 300-400 for seeds 0, 1, 2
 (0.26 to 0.33 at step 0). We accept [0.85, 1.15] for each of the last six records and [0.9, 1.1] for
 their mean: about twice the spread we saw, yet it fails when there is no edge of stability. At lr = 0.1
-the same model levels off at 0.59 * 2/lr within 1500 steps, because it converges first.
+the same model levels off at 0.59 * 2/lr within 1500 steps, because it converges first. Over longer
+runs, as the loss approaches zero, the sharpness slowly sinks below 2/lr again (the slow test).
 """
 
 import numpy as np
@@ -77,8 +78,13 @@ def test_sharpness_rises_then_hovers_at_two_over_lr(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("lr", [0.2, 0.3, 0.4])
 def test_edge_of_stability_follows_the_learning_rate_over_longer_runs(seed, lr):
+    """Steps 150-500 sit at the edge for lr 0.2, 0.3 and 0.4 alike. Later, as the loss nears zero, the
+    sharpness drifts below 2/lr (to 0.80-0.94 * 2/lr by step 1000 in our runs), but never back above."""
     ratio, losses = gd_sharpness(seed, lr=lr, steps=1000, every=25)
+    steps = np.arange(len(ratio)) * 25
     assert ratio[0] < 0.7  # at lr 0.4 the sharpness starts at 0.66 * 2/lr
-    final = ratio[-6:]
-    assert np.all((final > BAND[0]) & (final < BAND[1])), f"final sharpness * lr/2 = {np.round(final, 3)}"
-    assert MEAN_BAND[0] < final.mean() < MEAN_BAND[1]
+    edge = ratio[(steps >= 150) & (steps <= 500)]
+    assert np.all((edge > BAND[0]) & (edge < BAND[1])), f"sharpness * lr/2 at steps 150-500 = {np.round(edge, 3)}"
+    assert MEAN_BAND[0] < edge.mean() < MEAN_BAND[1]
+    assert np.all(ratio[steps >= 150] < BAND[1])
+    assert losses[-1] < losses[steps.tolist().index(500)]
