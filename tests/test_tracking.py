@@ -334,3 +334,27 @@ def test_log_without_vectors_resumes_cold(problem, tmp_path):
     tracker = SharpnessTracker(model, loader, F.cross_entropy, log_path=path, if_exists="resume")
     assert not tracker.step(1).warm
     assert TrackingLog(path, if_exists="resume").read_vectors(196)[0] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tracking_matches_cpu_and_keeps_the_cuda_rng(problem, tmp_path):
+    model, loader, x, y = problem
+    cpu = SharpnessTracker(model, loader, F.cross_entropy, num_eigenthings=2, use_gpu=False).step(0)
+    gpu_model = small_mlp(width=8).cuda()
+    gpu_loader = [(a.cuda(), b.cuda()) for a, b in loader]
+    tracker = SharpnessTracker(gpu_model, gpu_loader, F.cross_entropy, num_eigenthings=2,
+                               log_path=tmp_path / "gpu.jsonl", extras=lambda ctx: {"r": float(torch.rand((), device="cuda"))})
+    torch.cuda.manual_seed(5)
+    state = torch.cuda.get_rng_state()
+    record = tracker.step(0)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert tracker.eigenvectors.device.type == "cuda"
+    np.testing.assert_allclose(record.eigenvalues, cpu.eigenvalues, rtol=1e-8)
+    assert record.extras["loss"] == pytest.approx(cpu.extras["loss"], rel=1e-12)
+    # a CPU model tracked on a GPU copy (use_gpu=True) stays on the CPU
+    cpu_model = small_mlp(width=8)
+    on_copy = SharpnessTracker(cpu_model, loader, F.cross_entropy, num_eigenthings=2, use_gpu=True)
+    assert on_copy.hessian.device.type == "cuda"
+    np.testing.assert_allclose(on_copy.step(0).eigenvalues, cpu.eigenvalues, rtol=1e-8)
+    assert all(p.device.type == "cpu" for p in cpu_model.parameters())

@@ -78,13 +78,14 @@ def test_sharpness_rises_then_hovers_at_two_over_lr(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("lr", [0.2, 0.3, 0.4])
 def test_edge_of_stability_follows_the_learning_rate_over_longer_runs(seed, lr):
-    """Steps 150-500 sit at the edge for lr 0.2, 0.3 and 0.4 alike. Later, as the loss nears zero, the
+    """Steps 250-500 sit at the edge for lr 0.2, 0.3 and 0.4 alike (before, the sharpness may overshoot
+    2/lr by up to 25% as it first reaches it). Later, as the loss nears zero, the
     sharpness drifts below 2/lr (to 0.80-0.94 * 2/lr by step 1000 in our runs), but never back above."""
     ratio, losses = gd_sharpness(seed, lr=lr, steps=1000, every=25)
     steps = np.arange(len(ratio)) * 25
     assert ratio[0] < 0.7  # at lr 0.4 the sharpness starts at 0.66 * 2/lr
-    edge = ratio[(steps >= 150) & (steps <= 500)]
-    assert np.all((edge > BAND[0]) & (edge < BAND[1])), f"sharpness * lr/2 at steps 150-500 = {np.round(edge, 3)}"
+    edge = ratio[(steps >= 250) & (steps <= 500)]
+    assert np.all((edge > BAND[0]) & (edge < BAND[1])), f"sharpness * lr/2 at steps 250-500 = {np.round(edge, 3)}"
     assert MEAN_BAND[0] < edge.mean() < MEAN_BAND[1]
-    assert np.all(ratio[steps >= 150] < BAND[1])
+    assert np.all(ratio[steps >= 250] < BAND[1])
     assert losses[-1] < losses[steps.tolist().index(500)]
