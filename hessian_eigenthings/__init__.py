@@ -72,3 +72,16 @@ __all__ += [
     "hessian_density",
     "hessian_diagonal",
 ]
+
+# sharpness tracking during training, and diagonal preconditioning (issue 4)
+from .operators.preconditioned import PreconditionedOperator, adam_preconditioner  # noqa: E402
+from .tracking import SharpnessRecord, SharpnessTracker, plot_log, read_log  # noqa: E402
+
+__all__ += [
+    "PreconditionedOperator",
+    "adam_preconditioner",
+    "SharpnessTracker",
+    "SharpnessRecord",
+    "read_log",
+    "plot_log",
+]

@@ -1,0 +1,139 @@
+"""What a tracked step measures besides eigenvalues, and the guard that keeps the training run's
+random state as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..operators.base import Operator
+from ..operators.model_operator import ModelOperator
+
+BUILTIN_EXTRAS = ("loss", "grad_norm")
+
+
+@dataclass
+class TrackingContext:
+    """What an extras hook receives at a tracked step.
+
+    Attributes:
+        step: the training step being recorded.
+        model: the user's model (read it, do not change it).
+        operator: the operator whose eigenvalues were just computed (the Hessian, or the
+            preconditioned Hessian when the tracker has a preconditioner).
+        hessian: the Hessian operator over the tracker's dataloader (equal to ``operator`` without a
+            preconditioner); e.g. hand it to a trace estimator.
+        eigenvalues: (k,) numpy array of this step's eigenvalues.
+        eigenvectors: (k, n) tensor of this step's eigenvectors, on the operator's device.
+        dataloader: the tracker's fixed dataloader.
+        criterion: the loss ``criterion(outputs, targets)``.
+    """
+
+    step: int
+    model: nn.Module
+    operator: Operator
+    hessian: ModelOperator
+    eigenvalues: np.ndarray
+    eigenvectors: Tensor
+    dataloader: Any
+    criterion: Callable[[Any, Any], Tensor]
+
+
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Run a block and restore the global random states afterwards, also when it raises: torch's CPU
+    generator, the CUDA generator of every device (when CUDA is initialised), Python's ``random``
+    and numpy's global ``np.random`` state."""
+    cpu = torch.get_rng_state()
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [torch.cuda.get_rng_state(device) for device in range(torch.cuda.device_count())]
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            for device, state in enumerate(cuda):
+                torch.cuda.set_rng_state(state, device)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def loss_and_gradient(operator: ModelOperator) -> tuple[float, Tensor]:
+    """The mean loss over the operator's dataloader and its gradient, flat (n,), at the current parameters.
+
+    Uses the operator's own data loop, device, micro-batching and model-state guarantees (eval mode
+    unless the operator was built with ``eval_mode=False``), so it is the gradient of the same loss
+    whose Hessian the operator is; ``.grad`` of the model is not touched (``autograd.grad``).
+    """
+    if not isinstance(operator, ModelOperator):
+        raise TypeError(f"loss_and_gradient needs a model operator such as HVPOperator, got {type(operator).__name__}.")
+    total = torch.zeros((), dtype=torch.float64, device=operator.device)
+    grad = torch.zeros(operator.size, dtype=operator.dtype, device=operator.device)
+    seen = 0
+    offsets = operator._offsets
+    with operator._product_context():
+        for label, inputs, targets, count in operator._chunks():
+            loss = operator._loss(inputs, targets, label)
+            pieces = torch.autograd.grad(loss, operator._params, allow_unused=True)
+            for i, piece in enumerate(pieces):
+                if piece is not None:
+                    grad[offsets[i] : offsets[i + 1]].add_(piece.reshape(-1).to(grad.dtype), alpha=count)
+            total += loss.detach().double() * count
+            seen += count
+    if seen == 0:
+        raise ValueError("Every batch of the dataloader was empty (0 samples); there is no loss to evaluate.")
+    return float(total / seen), grad.div_(seen)
+
+
+def builtin_extras(operator: ModelOperator, names: tuple[str, ...]) -> dict[str, float]:
+    """The built-in extras named in ``names`` ("loss": mean loss over the dataloader; "grad_norm": the
+    Euclidean norm of its gradient over the chosen parameters), from one forward/backward pass."""
+    if not names:
+        return {}
+    loss, grad = loss_and_gradient(operator)
+    values = {"loss": loss, "grad_norm": float(torch.linalg.vector_norm(grad.double()))}
+    return {name: values[name] for name in names}
+
+
+def check_extra_values(values: Any, hook: Any, taken: set[str]) -> dict[str, Any]:
+    """Validate what an extras hook returned: a mapping of new names to numbers, lists of numbers or None."""
+    name = getattr(hook, "__name__", type(hook).__name__)
+    if not isinstance(values, Mapping):
+        raise TypeError(f"The extras hook {name} must return a dict of name -> number, got {type(values).__name__}.")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"The extras hook {name} returned a non-string or empty key {key!r}.")
+        if key in taken:
+            raise ValueError(
+                f"The extras hook {name} returned {key!r}, a name the record already has; rename it."
+            )
+        out[key] = _json_number(value, f"{name}()[{key!r}]")
+    return out
+
+
+def _json_number(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.dim() == 0 else value.reshape(-1).tolist()
+    if isinstance(value, np.ndarray):
+        return value.reshape(-1).tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_number(item, where) for item in value]
+    raise TypeError(
+        f"{where} is a {type(value).__name__}; extras must be numbers, lists of numbers or None (they are "
+        f"written to the log file)."
+    )
