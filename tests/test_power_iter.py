@@ -116,3 +116,14 @@ def test_same_seed_same_answer_and_bad_arguments():
         deflated_power_iteration(op, 100)
     with pytest.warns(UserWarning, match="fp16"):
         power_iteration(op, steps=2000, fp16=True, verbose=False)
+
+
+def test_warm_start_also_serves_the_shift_solve_of_la():
+    a, _, q = planted_matrix(SPECTRUM, seed=9)
+    # LA: top algebraic eigenvalues 10, 7; the largest-magnitude one (10) is also the top LA one
+    warm = deflated_power_iteration(a, 2, power_iter_steps=3000, which="LA", init_vecs=q[:, [0, 2]].T,
+                                    verbose=False)
+    cold = deflated_power_iteration(a, 2, power_iter_steps=3000, which="LA", verbose=False)
+    assert np.allclose(warm.eigenvalues, [10.0, 7.0], rtol=1e-9)
+    assert warm.num_products == 1 + 1 + 2  # shift solve, second pair, Rayleigh-Ritz
+    assert cold.num_products > 5 * warm.num_products

@@ -156,7 +156,9 @@ def _power_solve(
         scale = torch.zeros((), dtype=op.dtype, device=op.device)
         if which != "LM":
             # rho = |lambda_LM| makes A + rho I (or rho I - A) positive semi-definite.
-            lam, vec, res = _iterate(op, start_vector(k), 1.0, 0.0, None, steps, tol, momentum, scale, bar)
+            # A warm start usually holds the wanted end's top vector; it then serves both solves.
+            shift_start = starts[:, 0] if starts is not None else randoms[:, k]
+            lam, vec, res = _iterate(op, shift_start, 1.0, 0.0, None, steps, tol, momentum, scale, bar)
             scale = lam.abs()
             if (which == "LA") == bool(lam >= 0):
                 found_vals.append(lam)
