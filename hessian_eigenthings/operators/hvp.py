@@ -232,8 +232,8 @@ class HVPOperator(ModelOperator):
             return
         self._unsupported.add(plan)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        forced = self.backend != "auto" or self.batched is not None
-        (logger.warning if forced else logger.info)(
+        # A warning where the user asked for this backend by name, a note where "auto" tried it.
+        (logger.warning if self.backend == plan[0] else logger.info)(
             "HVPOperator: %s does not work for this model (%s: %s); using double backward, one vector "
             "at a time, instead.", _describe(plan), type(exc).__name__, first_line[:300],
         )
