@@ -4,7 +4,8 @@ For an MLP, a small CNN and a tiny GPT-style language model (generated data), th
 the same data: one gradient (plain autograd), one product by double backward and by
 forward-over-reverse, and blocks of b = 8 and 16 vectors (double backward one by one on a shared
 first-order graph, batched double backward, vmapped forward-over-reverse), and prints each as a multiple of
-the gradient's time, per vector. It also says which plan ``backend="auto"`` picks.
+the gradient's time, per vector. It also says which plan ``backend="auto"`` picks after its
+timed trials.
 
     python benchmarks/hvp_backends.py                 # CPU, torch's default thread count
     python benchmarks/hvp_backends.py --threads 1     # on a shared machine (see below)
@@ -160,7 +161,8 @@ def run(device: torch.device, repeats: int, widths: tuple[int, ...]) -> None:
         for b in widths:
             row += [ratio(backend, batched, b) for _, backend, batched in PLANS]
             auto = HVPOperator(model, data, criterion, device=device)
-            auto.apply_block(torch.randn(n, b).to(device))
+            while b not in auto.backend_used:  # its first products of width b are timed trials
+                auto.apply_block(torch.randn(n, b).to(device))
             row.append([label for label, backend, batched in PLANS if (backend, batched) == auto.backend_used[b]][0])
         rows.append(row)
         print(f"  done: {name}", flush=True)

@@ -50,18 +50,23 @@ def test_every_backend_gives_the_exact_hessian_with_micro_batches(mlp_problem, b
         assert {plan[0] for plan in op.backend_used.values()} == {backend}
 
 
-def test_auto_uses_double_backward_for_single_vectors_and_probes_blocks_once(mlp_problem, caplog):
-    model, loader, _, _, _ = mlp_problem
+def test_auto_uses_double_backward_for_single_vectors_and_times_blocks_in_real_products(mlp_problem, caplog):
+    model, loader, _, _, hessian = mlp_problem
     op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    candidates = {("double_backward", False), ("double_backward", True), ("forward_over_reverse", True)}
     with caplog.at_level(logging.INFO, logger="hessian_eigenthings"):
         op.apply(rand(op.size))
         assert op.backend_used == {1: ("double_backward", False)}
-        op.apply_block(rand(op.size, 4))
-        op.apply_block(rand(op.size, 4, seed=2))
-    assert op.backend_used[4] in {("double_backward", False), ("double_backward", True),
-                                  ("forward_over_reverse", True)}
-    probes = [r for r in caplog.records if "blocks of 4 vectors" in r.getMessage()]
-    assert len(probes) == 1 and "using" in probes[0].getMessage()
+        for step in range(8):
+            block = rand(op.size, 4, seed=step)
+            expected = hessian @ block
+            assert torch.allclose(op.apply_block(block), expected, rtol=1e-10, atol=1e-12 * expected.abs().max())
+    trials = op._trials[4]
+    assert sorted(plan for plan, _ in trials) == sorted(2 * list(candidates))  # each twice, then decided
+    assert op.backend_used[4] in candidates
+    choices = [r for r in caplog.records if "blocks of 4 vectors" in r.getMessage()]
+    assert len(choices) == 1 and "using" in choices[0].getMessage()
+    assert op.num_products == 1 + 8 * 4
 
 
 @pytest.mark.parametrize("backend", ["forward_over_reverse", "double_backward"])
@@ -125,7 +130,7 @@ def dropout_model():
 def test_dropout_masks_are_the_same_for_every_backend_and_every_vector():
     """eval_mode=False: one fixed set of masks per product, whether the b vectors share one pass
     (batched, vmap randomness='same') or are run one by one (forward-over-reverse re-runs the
-    forward per vector), and whether the first block product spends runs on the timing probe."""
+    forward per vector), and in every product of the timed trials of "auto"."""
     model = dropout_model().train()
     x, y = classification_data(num=96)
     data = batches(x, y, [64, 32])
@@ -140,8 +145,8 @@ def test_dropout_masks_are_the_same_for_every_backend_and_every_vector():
     for backend, batched in PLANS[1:]:
         op = HVPOperator(model, data, F.cross_entropy, use_gpu=False, eval_mode=False, backend=backend,
                          batched=batched)
-        first, second = op.apply_block(block), op.apply_block(block)
-        for got in (first, second):
+        for _ in range(7 if backend == "auto" else 2):
+            got = op.apply_block(block)
             assert torch.allclose(got, expected, rtol=1e-10, atol=1e-13 * expected.abs().max()), (backend, batched)
     evaluated = HVPOperator(model, data, F.cross_entropy, use_gpu=False).apply_block(block)
     assert (evaluated - expected).norm() > 1e-2 * expected.norm()  # dropout does change the Hessian
@@ -182,8 +187,13 @@ def test_auto_falls_back_quietly(caplog):
     model = batchnorm_model().train()
     x, y = classification_data(num=64)
     op = HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, eval_mode=False, batched=True)
+    reference = HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, eval_mode=False,
+                            backend="double_backward", batched=False)
+    block = rand(op.size, 3)
+    expected = reference.apply_block(block)
     with caplog.at_level(logging.INFO, logger="hessian_eigenthings"):
-        op.apply_block(rand(op.size, 3))
+        for _ in range(4):
+            assert torch.allclose(op.apply_block(block), expected, rtol=1e-10, atol=1e-13 * expected.abs().max())
     falls = [r for r in caplog.records if "does not work for this model" in r.getMessage()]
     assert len(falls) == 1 and falls[0].levelno == logging.INFO
     assert op.backend_used[3] == ("double_backward", True)

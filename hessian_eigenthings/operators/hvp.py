@@ -15,6 +15,8 @@ from .model_operator import ModelOperator, NonFiniteError  # noqa: F401  (NonFin
 # A way to compute a block product: (backend name, all b vectors in one pass?).
 Plan = tuple[str, bool]
 _SAFE: Plan = ("double_backward", False)
+# Timed products per candidate plan before "auto" settles on one for a block width.
+_TRIALS_PER_PLAN = 2
 
 
 class HVPOperator(ModelOperator):
@@ -53,13 +55,14 @@ class HVPOperator(ModelOperator):
         backend: how products are computed, all exact: ``"double_backward"`` (backpropagate
             through the gradient), ``"forward_over_reverse"`` (``torch.func.jvp`` of
             ``torch.func.grad``), or ``"auto"`` (default), which uses double backward for single
-            vectors and, for blocks, times the candidates once (see ``batched``) and keeps the
-            fastest. Where ``torch.func`` cannot run the model (in-place updates of buffers such as
+            vectors and, for blocks, times the candidates (see ``batched``) and keeps the fastest.
+            Where ``torch.func`` cannot run the model (in-place updates of buffers such as
             BatchNorm statistics in train mode, data-dependent Python control flow, some RNN
             kernels), it says so once in the log and uses double backward.
         batched: for blocks of b > 1 vectors: True computes all b in one pass (vmap),
-            False one vector after another on a shared first-order graph, None (default) lets a
-            one-time timing on the first micro-batch decide, per block width b.
+            False one vector after another on a shared first-order graph, None (default) lets
+            timing decide, per block width b: the first few products of width b (real products,
+            nothing is computed twice) each use another candidate, then the fastest is kept.
         cache_batches: True (default) keeps the batches on the compute device after the first
             product and reuses them, instead of reading the dataloader and copying it to the
             device for every product; only while they take at most ``cache_max_bytes``. With
@@ -105,6 +108,8 @@ class HVPOperator(ModelOperator):
         self.batched = batched
         self.backend_used: dict[int, Plan] = {}
         self._unsupported: set[Plan] = set()
+        self._trials: dict[int, list[tuple[Plan, float]]] = {}  # width -> (plan, seconds) per product
+        self._plan: Plan = _SAFE  # the plan of the product in progress
         self._tangents: Optional[tuple[list, list[Tensor]]] = None
 
     # -- choosing a backend ----------------------------------------------------------------------
@@ -112,8 +117,8 @@ class HVPOperator(ModelOperator):
         """The plans worth trying for blocks of width b, the safe one first where it is allowed."""
         if self.backend == "auto":
             if b == 1:
-                # One vector: double backward was faster than forward-over-reverse on every model we
-                # measured (CPU and GPU, see benchmarks/hvp_backends.py), so no probe is spent on it.
+                # One vector: double backward was faster than forward-over-reverse on every model
+                # measured (see benchmarks/hvp_backends.py and the issue's GPU numbers).
                 plans = [_SAFE]
             elif self.batched is None:
                 plans = [_SAFE, ("double_backward", True), ("forward_over_reverse", True)]
@@ -127,9 +132,51 @@ class HVPOperator(ModelOperator):
         usable = [plan for plan in plans if plan not in self._unsupported]
         return usable or [_SAFE]
 
+    def _next_plan(self, b: int) -> tuple[Plan, bool]:
+        """The plan for the next product of width b, and whether that product is a timed trial.
+
+        Where several plans qualify, the first products of width b try them in turn, twice
+        round (each trial is a real product, so no work is repeated); each plan's time is the
+        smaller of its two, which discounts one-time warm-up and a disturbed measurement on a
+        busy machine. Then the fastest is kept for every later product of that width.
+        """
+        chosen = self.backend_used.get(b)
+        if chosen is not None and chosen not in self._unsupported:
+            return chosen, False
+        candidates = self._candidates(b)
+        if len(candidates) == 1:
+            self.backend_used[b] = candidates[0]
+            return candidates[0], False
+        best: dict[Plan, float] = {}
+        counts: dict[Plan, int] = {}
+        for plan, seconds in self._trials.get(b, []):
+            if plan in candidates:
+                best[plan] = min(seconds, best.get(plan, seconds))
+                counts[plan] = counts.get(plan, 0) + 1
+        for round_index in range(_TRIALS_PER_PLAN):
+            for plan in candidates:
+                if counts.get(plan, 0) <= round_index:
+                    return plan, True
+        winner = min(best, key=best.__getitem__)
+        self.backend_used[b] = winner
+        logger.info("HVPOperator: blocks of %d vectors: %s per product; using %s.", b,
+                    ", ".join(f"{_describe(p)} {t * 1e3:.1f} ms" for p, t in best.items()), _describe(winner))
+        return winner, False
+
     def _matmat(self, mat: Tensor) -> Tensor:
+        b = mat.shape[1]
+        self._plan, timed = self._next_plan(b)
+        planned = self._plan
         try:
-            return super()._matmat(mat)
+            if not timed:
+                return super()._matmat(mat)
+            self._sync()
+            start = time.perf_counter()
+            out = super()._matmat(mat)
+            self._sync()
+            if self._plan == planned:  # a trial that fell back measured something else
+                self._trials.setdefault(b, []).append((planned, time.perf_counter() - start))
+            return out
         finally:
             self._tangents = None
 
@@ -144,15 +191,17 @@ class HVPOperator(ModelOperator):
         self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
     ) -> tuple[Tensor, Tensor]:
         """Mean loss of one micro-batch and its Hessian times every column, shape (n, b)."""
-        b = len(columns)
         tangents = self._stacked(columns)
         rewind = _rng_rewinder(self.device)
-        plan = self.backend_used.get(b)
-        if plan is None or plan in self._unsupported:
-            plan, loss, rows = self._probe(inputs, targets, tangents, label, rewind)
-            self.backend_used[b] = plan
-        else:
-            loss, rows = self._run_or_fall_back(plan, inputs, targets, tangents, label, rewind)
+        try:
+            loss, rows = self._run(self._plan, inputs, targets, tangents, label, rewind)
+        except (RuntimeError, NotImplementedError) as exc:
+            if self._plan == _SAFE:
+                raise
+            self._mark_unsupported(self._plan, exc)
+            self._plan = _SAFE  # for the rest of this product too
+            rewind()
+            loss, rows = self._run(_SAFE, inputs, targets, tangents, label, rewind)
         return loss, rows.T
 
     def _run(self, plan: Plan, inputs: Any, targets: Any, tangents: list[Tensor], label: str,
@@ -164,67 +213,6 @@ class HVPOperator(ModelOperator):
             lambda theta: self._loss(inputs, targets, label, parameters=theta),
             self.param_names, self._params, tangents, batched, rewind,
         )
-
-    def _run_or_fall_back(self, plan: Plan, inputs: Any, targets: Any, tangents: list[Tensor], label: str,
-                          rewind: Callable[[], None]) -> tuple[Tensor, Tensor]:
-        try:
-            return self._run(plan, inputs, targets, tangents, label, rewind)
-        except (RuntimeError, NotImplementedError) as exc:
-            if plan == _SAFE:
-                raise
-            self._mark_unsupported(plan, exc)
-        rewind()
-        self.backend_used = {b: p for b, p in self.backend_used.items() if p not in self._unsupported}
-        return self._run(_SAFE, inputs, targets, tangents, label, rewind)
-
-    def _probe(self, inputs: Any, targets: Any, tangents: list[Tensor], label: str,
-               rewind: Callable[[], None]) -> tuple[Plan, Tensor, Tensor]:
-        """Run each candidate plan on this micro-batch, timed; keep the fastest and its result.
-
-        Two interleaved rounds (the second only for candidates within 2x of the first round's
-        best), each candidate's time the smaller of its two, so that one disturbed measurement on
-        a busy machine does not decide. Every run starts from the same random state, and the state
-        after the probe is the one a single run leaves: dropout masks are as without a probe.
-        """
-        candidates = self._candidates(len(tangents[0]))
-        times: dict[Plan, float] = {}
-        result: Optional[tuple[Plan, Tensor, Tensor]] = None
-        runs = 0
-        for round_index in range(2 if len(candidates) > 1 else 1):
-            if round_index:
-                fastest = min(times.values(), default=0.0)
-                candidates = [plan for plan in times if times[plan] <= 2 * fastest]
-                if len(candidates) < 2:
-                    break
-            for plan in candidates:
-                if runs:
-                    rewind()
-                runs += 1
-                try:
-                    self._sync()
-                    start = time.perf_counter()
-                    loss, rows = self._run(plan, inputs, targets, tangents, label, rewind)
-                    self._sync()
-                    elapsed = time.perf_counter() - start
-                except (RuntimeError, NotImplementedError) as exc:
-                    if plan == _SAFE:
-                        raise
-                    self._mark_unsupported(plan, exc)
-                    continue
-                times[plan] = min(elapsed, times.get(plan, elapsed))
-                result = (plan, loss, rows)
-        if not times:  # every candidate failed and the safe one was not among them
-            if runs:
-                rewind()
-            loss, rows = self._run(_SAFE, inputs, targets, tangents, label, rewind)
-            return _SAFE, loss, rows
-        best = min(times, key=times.__getitem__)
-        if len(times) > 1:
-            logger.info("HVPOperator: blocks of %d vectors: %s; using %s.", len(tangents[0]),
-                        ", ".join(f"{_describe(p)} {t * 1e3:.1f} ms" for p, t in times.items()), _describe(best))
-        # Any candidate's result is exact; the last one computed is returned with the choice.
-        assert result is not None
-        return best, result[1], result[2]
 
     def _mark_unsupported(self, plan: Plan, exc: BaseException) -> None:
         """Remember that a plan fails on this model and say so once."""

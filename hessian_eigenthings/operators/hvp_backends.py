@@ -38,8 +38,8 @@ def _rows_from_blocks(blocks: Sequence[Optional[Tensor]], params: Sequence[Tenso
 
 @contextlib.contextmanager
 def _quiet_vmap_fallbacks() -> Iterator[None]:
-    # vmap runs ops without a batching rule as a slow loop and warns every time; the speed probe of
-    # HVPOperator measures that cost, and the warning would repeat on every product.
+    # vmap runs ops without a batching rule as a slow loop and warns every time; HVPOperator's
+    # timing of the candidates measures that cost, and the warning would repeat on every product.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         yield
