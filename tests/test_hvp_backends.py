@@ -199,6 +199,30 @@ def test_auto_falls_back_quietly(caplog):
     assert op.backend_used[3] == ("double_backward", True)
 
 
+def test_out_of_memory_of_a_wide_block_only_narrows_that_width(mlp_problem, monkeypatch, caplog):
+    """A vmapped block that does not fit in device memory is computed one vector at a time, and
+    only at that width: narrower blocks keep the batched plan."""
+    import hessian_eigenthings.operators.hvp as hvp_module
+
+    real = hvp_module.forward_over_reverse
+
+    def limited(loss_of, names, params, tangents, batched, rewind):
+        if batched and tangents[0].shape[0] >= 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(loss_of, names, params, tangents, batched, rewind)
+
+    monkeypatch.setattr(hvp_module, "forward_over_reverse", limited)
+    model, loader, _, _, hessian = mlp_problem
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, backend="forward_over_reverse", batched=True)
+    with caplog.at_level(logging.INFO, logger="hessian_eigenthings"):
+        for b in (4, 2, 4):
+            block = rand(op.size, b, seed=b)
+            expected = hessian @ block
+            assert torch.allclose(op.apply_block(block), expected, rtol=1e-10, atol=1e-12 * expected.abs().max())
+    assert op.backend_used == {4: ("double_backward", False), 2: ("forward_over_reverse", True)}
+    assert len([r for r in caplog.records if "out of device memory" in r.getMessage()]) == 1
+
+
 class Failing(nn.Module):
     """Raises in forward for inputs with a marker, to check what an error leaves behind."""
 

@@ -107,7 +107,8 @@ class HVPOperator(ModelOperator):
         self.backend = backend
         self.batched = batched
         self.backend_used: dict[int, Plan] = {}
-        self._unsupported: set[Plan] = set()
+        self._unsupported: set[Plan] = set()  # plans that cannot run this model
+        self._too_big: set[tuple[Plan, int]] = set()  # (plan, width) that ran out of device memory
         self._trials: dict[int, list[tuple[Plan, float]]] = {}  # width -> (plan, seconds) per product
         self._plan: Plan = _SAFE  # the plan of the product in progress
         self._tangents: Optional[tuple[list, list[Tensor]]] = None
@@ -129,7 +130,7 @@ class HVPOperator(ModelOperator):
         else:
             widths = [False] if b == 1 else ([False, True] if self.batched is None else [self.batched])
             plans = [(self.backend, w) for w in widths]
-        usable = [plan for plan in plans if plan not in self._unsupported]
+        usable = [plan for plan in plans if plan not in self._unsupported and (plan, b) not in self._too_big]
         return usable or [_SAFE]
 
     def _next_plan(self, b: int) -> tuple[Plan, bool]:
@@ -141,7 +142,7 @@ class HVPOperator(ModelOperator):
         busy machine. Then the fastest is kept for every later product of that width.
         """
         chosen = self.backend_used.get(b)
-        if chosen is not None and chosen not in self._unsupported:
+        if chosen is not None and chosen in self._candidates(b):
             return chosen, False
         candidates = self._candidates(b)
         if len(candidates) == 1:
@@ -195,13 +196,16 @@ class HVPOperator(ModelOperator):
         rewind = _rng_rewinder(self.device)
         try:
             loss, rows = self._run(self._plan, inputs, targets, tangents, label, rewind)
+            return loss, rows.T
         except (RuntimeError, NotImplementedError) as exc:
             if self._plan == _SAFE:
                 raise
-            self._mark_unsupported(self._plan, exc)
+            self._mark_unsupported(self._plan, exc, len(columns))
             self._plan = _SAFE  # for the rest of this product too
-            rewind()
-            loss, rows = self._run(_SAFE, inputs, targets, tangents, label, rewind)
+        # Outside the except block, so that the failed attempt's tensors (held by the traceback)
+        # are freed before the retry.
+        rewind()
+        loss, rows = self._run(_SAFE, inputs, targets, tangents, label, rewind)
         return loss, rows.T
 
     def _run(self, plan: Plan, inputs: Any, targets: Any, tangents: list[Tensor], label: str,
@@ -214,8 +218,14 @@ class HVPOperator(ModelOperator):
             self.param_names, self._params, tangents, batched, rewind,
         )
 
-    def _mark_unsupported(self, plan: Plan, exc: BaseException) -> None:
-        """Remember that a plan fails on this model and say so once."""
+    def _mark_unsupported(self, plan: Plan, exc: BaseException, b: int) -> None:
+        """Remember that a plan fails on this model (or, out of memory, for this width) and say so once."""
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            # A vmapped block holds b copies of the activations' tangents; a narrower one may fit.
+            self._too_big.add((plan, b))
+            logger.info("HVPOperator: %s ran out of device memory for blocks of %d vectors; using double "
+                        "backward, one vector at a time, for them.", _describe(plan), b)
+            return
         if plan in self._unsupported:
             return
         self._unsupported.add(plan)
