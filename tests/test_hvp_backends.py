@@ -1,6 +1,7 @@
 """HVP backends (double backward, forward-over-reverse, batched blocks), their automatic choice and
 fallback, the device batch cache of model operators, and the precision of products."""
 
+import copy
 import logging
 import math
 
@@ -119,6 +120,39 @@ def test_tuple_and_dict_inputs(backend):
                          max_possible_gpu_samples=7)
         assert torch.allclose(op.apply_block(block), expected, rtol=1e-11, atol=1e-14)
         assert not op._unsupported
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def sequence_data(num=24, seed=20):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num, 5, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (num,), generator=gen)
+    return x, y
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_recurrent_layers_with_every_backend(cell):
+    torch.manual_seed(0)
+    model = Recurrent(cell).double()
+    x, y = sequence_data()
+    exact = dense_loss_hessian(model, F.cross_entropy, x, y)
+    block = rand(exact.shape[0], 3, seed=21)
+    expected = exact @ block
+    for backend, batched in PLANS:
+        op = HVPOperator(model, batches(x, y, [16, 8]), F.cross_entropy, use_gpu=False, backend=backend,
+                         batched=batched)
+        got = op.apply_block(block)
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.abs().max()), (backend, batched)
 
 
 # -- model state, random state, errors ---------------------------------------------------------
@@ -460,6 +494,24 @@ def test_cuda_backends_match_cpu(mlp_problem, backend, batched):
     block = rand(op.size, 4, seed=17)
     got = op.apply_block(block.cuda()).cpu()
     assert torch.allclose(got, hessian @ block, rtol=1e-10, atol=1e-12 * got.abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_lstm_products_work_although_cudnn_rnns_have_no_double_backward():
+    torch.manual_seed(0)
+    model = Recurrent(nn.LSTM).double()
+    x, y = sequence_data()
+    expected_op = HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False)
+    block = rand(expected_op.size, 3, seed=22)
+    expected = expected_op.apply_block(block)
+    enabled = torch.backends.cudnn.enabled
+    for backend, batched in PLANS:
+        op = HVPOperator(copy.deepcopy(model).cuda().train(), [(x, y)], F.cross_entropy, backend=backend,
+                         batched=batched, eval_mode=False)
+        got = op.apply_block(block.cuda()).cpu()
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12 * expected.abs().max()), (backend, batched)
+    assert torch.backends.cudnn.enabled == enabled
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hessian_eigenthings import HVPOperator
-from hessian_eigenthings.operators.attention import math_attention
+from hessian_eigenthings.operators.kernels import math_attention
 from helpers import assert_model_unchanged, dense_loss_hessian, model_snapshot
 
 F = nn.functional

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch
-from .attention import math_attention
+from .kernels import math_attention, rnn_without_cudnn
 from .precision import autocast_context, fp32_math, resolve_precision
 from ..model_utils import (
     ParamSpec,
@@ -233,6 +233,7 @@ class ModelOperator(Operator):
                 torch.manual_seed(self.dropout_seed)
             stack.enter_context(torch.enable_grad())
             stack.enter_context(math_attention())
+            stack.enter_context(rnn_without_cudnn(self._work_model, self.device))
             stack.enter_context(fp32_math(allow_tf32=self.precision == "tf32"))
             yield
 
