@@ -15,8 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch
-from .kernels import math_attention, rnn_without_cudnn
-from .precision import autocast_context, fp32_math, resolve_precision
 from ..model_utils import (
     ParamSpec,
     common_device,
@@ -27,6 +25,8 @@ from ..model_utils import (
 )
 from ..utils import check_positive_int, logger, resolve_device
 from .base import Operator
+from .kernels import math_attention, rnn_without_cudnn
+from .precision import autocast_context, fp32_math, resolve_precision
 
 
 class NonFiniteError(ValueError):
