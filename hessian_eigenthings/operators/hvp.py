@@ -57,8 +57,9 @@ class HVPOperator(ModelOperator):
             ``torch.func.grad``), or ``"auto"`` (default), which uses double backward for single
             vectors and, for blocks, times the candidates (see ``batched``) and keeps the fastest.
             Where ``torch.func`` cannot run the model (in-place updates of buffers such as
-            BatchNorm statistics in train mode, data-dependent Python control flow, some RNN
-            kernels), it says so once in the log and uses double backward.
+            BatchNorm statistics in train mode, Python control flow on tensor values, kernels
+            without a forward-mode derivative), it says so once in the log and uses double
+            backward, one vector at a time.
         batched: for blocks of b > 1 vectors: True computes all b in one pass (vmap),
             False one vector after another on a shared first-order graph, None (default) lets
             timing decide, per block width b: the first few products of width b (real products,
