@@ -28,7 +28,8 @@ SOLVER_MODES: dict[str, tuple[Callable[..., EigenResult], Callable[..., Any]]] =
 }
 
 # keyword arguments of compute_hessian_eigenthings that configure the operator, not the solver
-_OPERATOR_KWARGS = ("params", "eval_mode", "device", "check_finite")
+_OPERATOR_KWARGS = ("params", "eval_mode", "device", "check_finite", "backend", "batched", "cache_batches",
+                    "cache_max_bytes", "precision")
 # solver arguments that compute_hessian_eigenthings sets itself
 _FIXED_SOLVER_ARGS = ("operator", "num_eigenthings", "to_numpy", "use_gpu", "fp16")
 
@@ -58,7 +59,8 @@ def compute_hessian_eigenthings(
         use_gpu: compute on CUDA when available (see :class:`HVPOperator`).
         fp16: products under autocast, at lower accuracy (see :class:`HVPOperator`).
         max_possible_gpu_samples: micro-batch size bound for the products.
-        **kwargs: ``params``, ``eval_mode``, ``device``, ``check_finite`` go to the operator;
+        **kwargs: ``params``, ``eval_mode``, ``device``, ``check_finite``, ``backend``, ``batched``,
+            ``cache_batches``, ``cache_max_bytes``, ``precision`` go to the operator;
             everything else to the solver, e.g. ``which="LA"``, ``tol=1e-6``, ``momentum=0.5``,
             ``power_iter_steps=100``, ``max_steps``, ``num_lanczos_vectors``, ``verbose=False``.
 

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
+from ..utils import logger
+from .hvp_backends import BACKENDS, double_backward, forward_over_reverse
 from .model_operator import ModelOperator, NonFiniteError  # noqa: F401  (NonFiniteError re-exported)
+
+# A way to compute a block product: (backend name, all b vectors in one pass?).
+Plan = tuple[str, bool]
+_SAFE: Plan = ("double_backward", False)
+# Timed products per candidate plan before "auto" settles on one for a block width.
+_TRIALS_PER_PLAN = 2
 
 
 class HVPOperator(ModelOperator):
     """The Hessian of ``criterion(model(inputs), targets)`` w.r.t. the model's parameters, as an operator.
 
     ``apply(v)`` returns ``H v`` for a flat vector ``v`` of shape (n,), laid out as the chosen
-    parameters in ``model.parameters()`` order (see ``param_names`` / ``unflatten``).
+    parameters in ``model.parameters()`` order (see ``param_names`` / ``unflatten``);
+    ``apply_block(V)`` returns ``H V`` for a block of shape (n, b), computing all b columns from
+    one forward and first backward pass per micro-batch.
 
     Args:
         model: the network. It is never changed: parameters, buffers, ``.grad``,
@@ -25,8 +36,7 @@ class HVPOperator(ModelOperator):
         use_gpu: compute on CUDA when the model is on the CPU and a GPU is available (on a copy of
             the model, synced from the original before every product). A model already on a GPU is
             used where it is.
-        fp16: run forward and backward passes under autocast (float16 on CUDA, bfloat16 on CPU);
-            vectors and accumulation stay in the parameters' dtype. Faster, less accurate.
+        fp16: the old spelling of ``precision="fp16"``.
         full_dataset: True: ``H`` is the Hessian of the mean loss over every sample of the
             dataloader, batches weighted by their number of samples (exact for a short last
             batch). False: each product uses the next mini-batch (a stochastic operator).
@@ -37,35 +47,214 @@ class HVPOperator(ModelOperator):
         eval_mode: True (default) evaluates the model in eval mode, so BatchNorm uses its running
             statistics and dropout is off: the operator is deterministic and symmetric. False
             keeps the model's own modes; BatchNorm statistics are restored after each product, and
-            dropout masks are drawn from a fixed seed (the same masks in every product) without
-            touching the global random state.
+            dropout masks are drawn from a fixed seed (the same masks in every product and for
+            every vector of a block) without touching the global random state.
         device: compute device; overrides ``use_gpu``. Default: the model's device.
         check_finite: raise :class:`NonFiniteError`, naming the batch, when a loss or a product is
             NaN/Inf (costs one device sync per product).
+        backend: how products are computed, all exact: ``"double_backward"`` (backpropagate
+            through the gradient), ``"forward_over_reverse"`` (``torch.func.jvp`` of
+            ``torch.func.grad``), or ``"auto"`` (default), which uses double backward for single
+            vectors and, for blocks, times the candidates (see ``batched``) and keeps the fastest.
+            Where ``torch.func`` cannot run the model (in-place updates of buffers such as
+            BatchNorm statistics in train mode, Python control flow on tensor values, kernels
+            without a forward-mode derivative), it says so once in the log and uses double
+            backward, one vector at a time.
+        batched: for blocks of b > 1 vectors: True computes all b in one pass (vmap),
+            False one vector after another on a shared first-order graph, None (default) lets
+            timing decide, per block width b: the first few products of width b (real products,
+            nothing is computed twice) each use another candidate, then the fastest is kept.
+        cache_batches: True (default) keeps the batches on the compute device after the first
+            product and reuses them, instead of reading the dataloader and copying it to the
+            device for every product; only while they take at most ``cache_max_bytes``. With
+            ``full_dataset=True`` the operator is then fixed by the first reading (a shuffling or
+            augmenting dataloader is read once). With ``full_dataset=False`` only a list or tuple of
+            batches is cached (the dataloader's next batches are otherwise new ones). Call
+            ``clear_batch_cache()`` after changing the data.
+        cache_max_bytes: memory bound of that cache (default 1 GiB). It counts device copies and
+            batches the dataloader makes afresh, not the tensors of a list already on the device.
+        precision: ``"exact"`` (default: the parameters' dtype, TF32 off during products, the
+            user's global setting restored after), ``"tf32"`` (CUDA only), ``"bf16"`` or ``"fp16"``
+            (autocast). Results and their sum over batches stay in the parameters' dtype; see
+            :mod:`hessian_eigenthings.operators.precision` for the measured accuracy of each.
+
+    Attributes:
+        backend_used: {block width b: (backend, batched)} as chosen so far.
     """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dataloader: Any,
+        criterion: Callable[[Any, Any], Tensor],
+        use_gpu: bool = True,
+        fp16: bool = False,
+        full_dataset: bool = True,
+        max_possible_gpu_samples: int = 256,
+        *,
+        backend: str = "auto",
+        batched: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+            raise ValueError(
+                f"backend={backend!r} is not known; use 'auto', 'double_backward' or 'forward_over_reverse'."
+            )
+        if batched is not None and not isinstance(batched, bool):
+            raise TypeError(f"batched must be True, False or None (decide by timing), got {batched!r}.")
+        super().__init__(
+            model, dataloader, criterion, use_gpu, fp16, full_dataset, max_possible_gpu_samples, **kwargs
+        )
+        self.backend = backend
+        self.batched = batched
+        self.backend_used: dict[int, Plan] = {}
+        self._unsupported: set[Plan] = set()  # plans that cannot run this model
+        self._too_big: set[tuple[Plan, int]] = set()  # (plan, width) that ran out of device memory
+        self._trials: dict[int, list[tuple[Plan, float]]] = {}  # width -> (plan, seconds) per product
+        self._plan: Plan = _SAFE  # the plan of the product in progress
+        self._tangents: Optional[tuple[list, list[Tensor]]] = None
+
+    # -- choosing a backend ----------------------------------------------------------------------
+    def _candidates(self, b: int) -> list[Plan]:
+        """The plans worth trying for blocks of width b, the safe one first where it is allowed."""
+        if self.backend == "auto":
+            if b == 1:
+                # One vector: double backward was faster than forward-over-reverse on every model
+                # measured (see benchmarks/hvp_backends.py and the issue's GPU numbers).
+                plans = [_SAFE]
+            elif self.batched is None:
+                plans = [_SAFE, ("double_backward", True), ("forward_over_reverse", True)]
+            elif self.batched:
+                plans = [("double_backward", True), ("forward_over_reverse", True)]
+            else:
+                plans = [_SAFE]
+        else:
+            widths = [False] if b == 1 else ([False, True] if self.batched is None else [self.batched])
+            plans = [(self.backend, w) for w in widths]
+        usable = [plan for plan in plans if plan not in self._unsupported and (plan, b) not in self._too_big]
+        return usable or [_SAFE]
+
+    def _next_plan(self, b: int) -> tuple[Plan, bool]:
+        """The plan for the next product of width b, and whether that product is a timed trial.
+
+        Where several plans qualify, the first products of width b try them in turn, twice
+        round (each trial is a real product, so no work is repeated); each plan's time is the
+        smaller of its two, which discounts one-time warm-up and a disturbed measurement on a
+        busy machine. Then the fastest is kept for every later product of that width.
+        """
+        chosen = self.backend_used.get(b)
+        if chosen is not None and chosen in self._candidates(b):
+            return chosen, False
+        candidates = self._candidates(b)
+        if len(candidates) == 1:
+            self.backend_used[b] = candidates[0]
+            return candidates[0], False
+        best: dict[Plan, float] = {}
+        counts: dict[Plan, int] = {}
+        for plan, seconds in self._trials.get(b, []):
+            if plan in candidates:
+                best[plan] = min(seconds, best.get(plan, seconds))
+                counts[plan] = counts.get(plan, 0) + 1
+        for round_index in range(_TRIALS_PER_PLAN):
+            for plan in candidates:
+                if counts.get(plan, 0) <= round_index:
+                    return plan, True
+        winner = min(best, key=best.__getitem__)
+        self.backend_used[b] = winner
+        logger.info("HVPOperator: blocks of %d vectors: %s per product; using %s.", b,
+                    ", ".join(f"{_describe(p)} {t * 1e3:.1f} ms" for p, t in best.items()), _describe(winner))
+        return winner, False
+
+    def _matmat(self, mat: Tensor) -> Tensor:
+        b = mat.shape[1]
+        self._plan, timed = self._next_plan(b)
+        planned = self._plan
+        try:
+            if not timed:
+                return super()._matmat(mat)
+            self._sync()
+            start = time.perf_counter()
+            out = super()._matmat(mat)
+            self._sync()
+            if self._plan == planned:  # a trial that fell back measured something else
+                self._trials.setdefault(b, []).append((planned, time.perf_counter() - start))
+            return out
+        finally:
+            self._tangents = None
+
+    def _stacked(self, columns: list[list[Tensor]]) -> list[Tensor]:
+        """The block's columns as one (b, *p.shape) tensor per parameter (built once per product)."""
+        if self._tangents is None or self._tangents[0] is not columns:
+            stacked = [torch.stack([col[i] for col in columns]) for i in range(len(self._params))]
+            self._tangents = (columns, stacked)
+        return self._tangents[1]
 
     def _chunk_products(
         self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
     ) -> tuple[Tensor, Tensor]:
         """Mean loss of one micro-batch and its Hessian times every column, shape (n, b)."""
-        loss = self._loss(inputs, targets, label)
-        grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
-        # Gradients that are constant in the parameters (or absent) contribute zero curvature.
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        out = torch.zeros(self.size, len(columns), dtype=self.dtype, device=self.device)
-        if not live:
-            return loss, out
-        live_grads = [grads[i] for i in live]
-        offsets = self._offsets
-        for j, pieces in enumerate(columns):
-            hv = torch.autograd.grad(
-                live_grads,
-                self._params,
-                grad_outputs=[pieces[i] for i in live],
-                retain_graph=j < len(columns) - 1,
-                allow_unused=True,
-            )
-            for i, h in enumerate(hv):
-                if h is not None:
-                    out[offsets[i] : offsets[i + 1], j] = h.reshape(-1)
-        return loss, out
+        tangents = self._stacked(columns)
+        rewind = _rng_rewinder(self.device)
+        try:
+            loss, rows = self._run(self._plan, inputs, targets, tangents, label, rewind)
+            return loss, rows.T
+        except (RuntimeError, NotImplementedError) as exc:
+            if self._plan == _SAFE:
+                raise
+            self._mark_unsupported(self._plan, exc, len(columns))
+            self._plan = _SAFE  # for the rest of this product too
+        # Outside the except block, so that the failed attempt's tensors (held by the traceback)
+        # are freed before the retry.
+        rewind()
+        loss, rows = self._run(_SAFE, inputs, targets, tangents, label, rewind)
+        return loss, rows.T
+
+    def _run(self, plan: Plan, inputs: Any, targets: Any, tangents: list[Tensor], label: str,
+             rewind: Callable[[], None]) -> tuple[Tensor, Tensor]:
+        backend, batched = plan
+        if backend == "double_backward":
+            return double_backward(lambda: self._loss(inputs, targets, label), self._params, tangents, batched)
+        return forward_over_reverse(
+            lambda theta: self._loss(inputs, targets, label, parameters=theta),
+            self.param_names, self._params, tangents, batched, rewind,
+        )
+
+    def _mark_unsupported(self, plan: Plan, exc: BaseException, b: int) -> None:
+        """Remember that a plan fails on this model (or, out of memory, for this width) and say so once."""
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            # A vmapped block holds b copies of the activations' tangents; a narrower one may fit.
+            self._too_big.add((plan, b))
+            logger.info("HVPOperator: %s ran out of device memory for blocks of %d vectors; using double "
+                        "backward, one vector at a time, for them.", _describe(plan), b)
+            return
+        if plan in self._unsupported:
+            return
+        self._unsupported.add(plan)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # A warning where the user asked for this backend by name, a note where "auto" tried it.
+        (logger.warning if self.backend == plan[0] else logger.info)(
+            "HVPOperator: %s does not work for this model (%s: %s); using double backward, one vector "
+            "at a time, instead.", _describe(plan), type(exc).__name__, first_line[:300],
+        )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _describe(plan: Plan) -> str:
+    backend, batched = plan
+    return f"{backend.replace('_', '-')}{' batched' if batched else ''}"
+
+
+def _rng_rewinder(device: torch.device) -> Callable[[], None]:
+    """A function that puts the random state (CPU, and the device's if CUDA) back to what it is now."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+    return rewind

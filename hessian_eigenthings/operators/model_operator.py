@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +26,19 @@ from ..model_utils import (
 )
 from ..utils import check_positive_int, logger, resolve_device
 from .base import Operator
+from .kernels import math_attention, rnn_without_cudnn
+from .precision import autocast_context, fp32_math, resolve_precision
 
 
 class NonFiniteError(ValueError):
     """A loss or a Hessian-vector product came out NaN or Inf."""
+
+
+# Batches are kept on the compute device between products while they take at most this much memory.
+DEFAULT_CACHE_MAX_BYTES = 2**30
+
+# One micro-batch as the data loop yields it: (label for messages, inputs, targets, samples).
+Chunk = tuple[str, Any, Any, int]
 
 
 class ModelOperator(Operator):
@@ -70,6 +79,9 @@ class ModelOperator(Operator):
         eval_mode: bool = True,
         device: Any = None,
         check_finite: bool = True,
+        cache_batches: bool = True,
+        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+        precision: Optional[str] = None,
     ) -> None:
         model = distributed.unwrap_model(model)
         names, chosen = select_parameters(model, params)
@@ -77,6 +89,9 @@ class ModelOperator(Operator):
             raise TypeError(f"criterion must be a callable loss(outputs, targets), got {type(criterion).__name__}.")
         check_reiterable(dataloader, full_dataset)
         self.max_possible_gpu_samples = check_positive_int(max_possible_gpu_samples, "max_possible_gpu_samples")
+        if not isinstance(cache_batches, bool):
+            raise TypeError(f"cache_batches must be True or False, got {cache_batches!r}.")
+        self.cache_max_bytes = check_positive_int(cache_max_bytes, "cache_max_bytes")
         model_device = common_device(chosen)
         if device is not None:
             target = resolve_device(device)
@@ -85,11 +100,15 @@ class ModelOperator(Operator):
         else:
             target = torch.device("cuda")
 
+        self.precision = resolve_precision(precision, bool(fp16), target)
+
         super().__init__(sum(p.numel() for p in chosen), common_dtype(chosen), target)
         self.model = model
         self.dataloader = dataloader
         self.criterion = criterion
-        self.fp16 = bool(fp16)
+        # True when products run under autocast (the meaning fp16 always had).
+        self.fp16 = self.precision in ("fp16", "bf16")
+        self.cache_batches = cache_batches
         self.full_dataset = bool(full_dataset)
         self.is_stochastic = not self.full_dataset
         self.eval_mode = bool(eval_mode)
@@ -97,7 +116,13 @@ class ModelOperator(Operator):
         self.param_names = names
         self.dropout_seed = 0
         self._batch_iter: Optional[Iterator] = None
+        self._batch_pos = 0
         self.num_samples: Optional[int] = None
+        # Device copies of the micro-batches, by position of their batch in the dataloader.
+        self._cache: dict[int, list[Chunk]] = {}
+        self._cache_bytes = 0
+        self._cache_complete = False  # every batch of the full dataset is in _cache
+        self._cache_overflowed = False
 
         if target == model_device or (target.type == model_device.type == "cuda" and target.index is None):
             self._work_model = model
@@ -155,15 +180,21 @@ class ModelOperator(Operator):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement _chunk_products")
 
-    def _loss(self, inputs: Any, targets: Any, label: str) -> Tensor:
-        """The checked batch-mean loss of one micro-batch (under autocast when fp16 is set)."""
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16)
-            if self.fp16
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            loss = self.criterion(call_model(self._work_model, inputs), targets)
+    def _loss(
+        self, inputs: Any, targets: Any, label: str, parameters: Optional[Mapping[str, Tensor]] = None
+    ) -> Tensor:
+        """The checked batch-mean loss of one micro-batch (under autocast in the fp16/bf16 modes).
+
+        ``parameters`` ({name: tensor}) stand in for those parameters of the model during the call
+        (``torch.func.functional_call``; the module's own tensors are back in place afterwards,
+        also on error), which is how ``torch.func`` transforms differentiate the loss.
+        """
+        with autocast_context(self.precision, self.device):
+            if parameters is None:
+                outputs = call_model(self._work_model, inputs)
+            else:
+                outputs = _functional_call(self._work_model, parameters, inputs)
+            loss = self.criterion(outputs, targets)
         self._check_loss(loss, label)
         return loss
 
@@ -224,6 +255,9 @@ class ModelOperator(Operator):
                 stack.enter_context(torch.random.fork_rng(devices=devices))
                 torch.manual_seed(self.dropout_seed)
             stack.enter_context(torch.enable_grad())
+            stack.enter_context(math_attention())
+            stack.enter_context(rnn_without_cudnn(self._work_model, self.device))
+            stack.enter_context(fp32_math(allow_tf32=self.precision == "tf32"))
             yield
 
     def _sync_copy(self) -> None:
@@ -235,12 +269,24 @@ class ModelOperator(Operator):
         for dst, src in zip(self._work_model.modules(), self.model.modules()):
             dst.training = src.training
 
-    def _raw_batches(self) -> Iterator[Any]:
+    def clear_batch_cache(self) -> None:
+        """Forget the device copies of the batches; the next product reads the dataloader again.
+
+        Call it after changing the data behind the dataloader (with ``cache_batches=True`` the
+        batches are read once and reused by every later product).
+        """
+        self._cache = {}
+        self._cache_bytes = 0
+        self._cache_complete = False
+        self._cache_overflowed = False
+
+    def _raw_batches(self) -> Iterator[tuple[int, Any]]:
+        """Yield (position in the dataloader, batch): every batch, or the next one when stochastic."""
         if self.full_dataset:
             empty = True
-            for batch in self.dataloader:
+            for index, batch in enumerate(self.dataloader):
                 empty = False
-                yield batch
+                yield index, batch
             if empty:
                 raise ValueError(
                     "The dataloader yielded no batches. If it is a one-shot iterator it is exhausted: pass "
@@ -250,31 +296,114 @@ class ModelOperator(Operator):
         for attempt in range(2):
             if self._batch_iter is None:
                 self._batch_iter = iter(self.dataloader)
+                self._batch_pos = 0
             try:
-                yield next(self._batch_iter)
-                return
+                batch = next(self._batch_iter)
             except StopIteration:
                 self._batch_iter = None
+                continue
+            self._batch_pos += 1
+            yield self._batch_pos - 1, batch
+            return
         raise ValueError(
             "The dataloader yielded no batches (an exhausted iterator cannot be restarted): pass a torch "
             "DataLoader or a list of batches."
         )
 
-    def _chunks(self) -> Iterator[tuple[str, Any, Any, int]]:
-        """Yield (label, inputs, targets, samples) micro-batches on the compute device."""
-        for index, batch in enumerate(self._raw_batches()):
-            inputs, targets = split_batch(batch, index)
-            count = num_samples(inputs, targets, index)
-            if count == 0:
+    def _caching(self) -> bool:
+        """Whether batches read now may be kept for later products.
+
+        The full dataset is the same set of samples in every product (the mean over all samples
+        does not depend on their order), so its device copies can be reused. One mini-batch per
+        product must follow the dataloader, whose next epoch may be reshuffled or re-augmented;
+        only a list or tuple of batches is known to give the same batches again.
+        """
+        if not self.cache_batches or self._cache_overflowed:
+            return False
+        return self.full_dataset or isinstance(self.dataloader, (list, tuple))
+
+    def _chunks(self) -> Iterator[Chunk]:
+        """Yield (label, inputs, targets, samples) micro-batches on the compute device.
+
+        With ``cache_batches`` the micro-batches are kept on the device after they are first read
+        (while they fit in ``cache_max_bytes``) and reused, so that later products neither read
+        the dataloader nor copy host to device again.
+        """
+        if self.full_dataset and self._cache_complete:
+            for index in sorted(self._cache):
+                yield from self._cache[index]
+            return
+        # A full pass is kept only once it has completed: a shuffling dataloader puts other samples
+        # at the same positions in its next epoch, so a partial cache could not be completed later.
+        pending: Optional[dict[int, list[Chunk]]] = {} if self._caching() else None
+        pending_bytes = 0
+        for index, batch in self._raw_batches():
+            if index in self._cache:  # only a list/tuple dataloader read one batch at a time gets here
+                yield from self._cache[index]
                 continue
-            inputs, targets = move_to(inputs, self.device), move_to(targets, self.device)
-            step = self.max_possible_gpu_samples
-            for start in range(0, count, step):
-                stop = min(start + step, count)
-                label = f"batch {index}" if count <= step else f"batch {index} (samples {start}:{stop})"
-                yield (
-                    label,
-                    slice_samples(inputs, start, stop) if count > step else inputs,
-                    slice_samples(targets, start, stop) if count > step else targets,
-                    stop - start,
-                )
+            chunks, added = self._device_chunks(index, batch)
+            if pending is not None:
+                if self._cache_bytes + pending_bytes + added <= self.cache_max_bytes:
+                    pending[index] = chunks
+                    pending_bytes += added
+                else:
+                    pending = None
+                    self._cache_overflowed = True
+                    logger.info(
+                        "%s: the batches take more than cache_max_bytes=%d bytes on %s, so they are read "
+                        "from the dataloader for every product; raise cache_max_bytes to keep them.",
+                        type(self).__name__, self.cache_max_bytes, self.device,
+                    )
+            yield from chunks
+        if pending is not None:
+            self._cache.update(pending)
+            self._cache_bytes += pending_bytes
+            self._cache_complete = self.full_dataset
+
+    def _device_chunks(self, index: int, batch: Any) -> tuple[list[Chunk], int]:
+        """The micro-batches of one dataloader batch on the compute device, and the bytes that
+        keeping them would add (device copies, and batches the dataloader made afresh)."""
+        inputs, targets = split_batch(batch, index)
+        count = num_samples(inputs, targets, index)
+        if count == 0:
+            return [], 0
+        moved_inputs, moved_targets = move_to(inputs, self.device), move_to(targets, self.device)
+        # A list/tuple dataloader keeps its own tensors alive: holding them costs nothing more.
+        owned = isinstance(self.dataloader, (list, tuple))
+        added = _added_bytes((inputs, targets), (moved_inputs, moved_targets), owned)
+        step = self.max_possible_gpu_samples
+        chunks = []
+        for start in range(0, count, step):
+            stop = min(start + step, count)
+            label = f"batch {index}" if count <= step else f"batch {index} (samples {start}:{stop})"
+            chunks.append((
+                label,
+                slice_samples(moved_inputs, start, stop) if count > step else moved_inputs,
+                slice_samples(moved_targets, start, stop) if count > step else moved_targets,
+                stop - start,
+            ))
+        return chunks, added
+
+
+def _added_bytes(source: Any, moved: Any, owned: bool) -> int:
+    """Bytes held by the tensors of ``moved`` that are not already held elsewhere."""
+    if isinstance(moved, Tensor):
+        if owned and moved is source:
+            return 0
+        return moved.numel() * moved.element_size()
+    if isinstance(moved, (tuple, list)):
+        return sum(_added_bytes(s, m, owned) for s, m in zip(source, moved))
+    if isinstance(moved, dict):
+        return sum(_added_bytes(source[k], m, owned) for k, m in moved.items())
+    return 0
+
+
+def _functional_call(model: nn.Module, parameters: Mapping[str, Tensor], inputs: Any) -> Any:
+    """``call_model`` with ``parameters`` swapped in for the model's own, through torch.func."""
+    from torch.func import functional_call
+
+    if isinstance(inputs, (tuple, list)):
+        return functional_call(model, dict(parameters), tuple(inputs))
+    if isinstance(inputs, dict):
+        return functional_call(model, dict(parameters), (), inputs)
+    return functional_call(model, dict(parameters), (inputs,))

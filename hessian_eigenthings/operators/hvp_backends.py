@@ -1,0 +1,148 @@
+"""The ways to compute one micro-batch's Hessian times a block of b vectors.
+
+Every backend takes the b vectors as ``tangents``: one tensor of shape (b, *p.shape) per
+parameter p, and returns ``(loss, rows)`` with ``rows`` of shape (b, n): row j is ``H v_j`` laid out
+like the flat parameter vector. All of them are exact (they differ only in rounding):
+
+* ``double_backward``: ``g = dL/dθ`` with a graph, then ``H v = d(g·v)/dθ`` by a second backward
+  pass. One vector at a time (the first-order graph is reused), or all b at once through
+  ``torch.autograd.grad(..., is_grads_batched=True)``, which vmaps the second backward.
+* ``forward_over_reverse``: ``H v = jvp(grad(L), θ, v)`` with ``torch.func``, the loss evaluated
+  through ``functional_call``. All b at once is ``vmap`` over the tangents, which shares the
+  forward and first backward pass between the b vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("double_backward", "forward_over_reverse")
+
+
+def _rows_from_blocks(blocks: Sequence[Optional[Tensor]], params: Sequence[Tensor], b: int) -> Tensor:
+    """Per-parameter (b, *shape) blocks (None: no curvature) as one (b, n) tensor."""
+    ref = params[0]
+    pieces = [
+        torch.zeros(b, p.numel(), dtype=p.dtype, device=p.device) if h is None else h.reshape(b, -1).to(p.dtype)
+        for h, p in zip(blocks, params)
+    ]
+    if not pieces:
+        return torch.zeros(b, 0, dtype=ref.dtype, device=ref.device)
+    return torch.cat(pieces, dim=1)
+
+
+@contextlib.contextmanager
+def _quiet_vmap_fallbacks() -> Iterator[None]:
+    # vmap runs ops without a batching rule as a slow loop and warns every time; HVPOperator's
+    # timing of the candidates measures that cost, and the warning would repeat on every product.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        yield
+
+
+def double_backward(
+    loss_fn: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    tangents: Sequence[Tensor],
+    batched: bool,
+) -> tuple[Tensor, Tensor]:
+    """Hessian times b vectors by double backpropagation.
+
+    Args:
+        loss_fn: computes the (checked, scalar) loss with an autograd graph to ``params``.
+        params: the parameters, leaf tensors with ``requires_grad=True``.
+        tangents: per parameter, the b vectors' pieces, shape (b, *p.shape).
+        batched: all b vectors in one vmapped second backward (True) or one by one (False).
+
+    Returns:
+        (loss, rows): the loss and the (b, n) products.
+    """
+    b = tangents[0].shape[0]
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    # Gradients that are constant in the parameters (or absent) contribute zero curvature.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not live:
+        return loss, _rows_from_blocks([None] * len(params), params, b)
+    live_grads = [grads[i] for i in live]
+    if batched:
+        with _quiet_vmap_fallbacks():
+            blocks = torch.autograd.grad(
+                live_grads, params, grad_outputs=[tangents[i] for i in live], is_grads_batched=True, allow_unused=True
+            )
+        return loss, _rows_from_blocks(blocks, params, b)
+    rows = torch.zeros(b, sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    for j in range(b):
+        hv = torch.autograd.grad(
+            live_grads,
+            params,
+            grad_outputs=[tangents[i][j] for i in live],
+            retain_graph=j < b - 1,
+            allow_unused=True,
+        )
+        for i, h in enumerate(hv):
+            if h is not None:
+                rows[j, offsets[i] : offsets[i + 1]] = h.reshape(-1)
+    return loss, rows
+
+
+def forward_over_reverse(
+    loss_of: Callable[[Mapping[str, Tensor]], Tensor],
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    tangents: Sequence[Tensor],
+    batched: bool,
+    rewind_rng: Callable[[], None],
+) -> tuple[Tensor, Tensor]:
+    """Hessian times b vectors as the forward-mode derivative of the gradient (``torch.func``).
+
+    Args:
+        loss_of: ``loss_of({name: tensor})`` computes the (checked, scalar) loss with those tensors
+            in place of the named parameters (``functional_call``).
+        names, params: the parameters' names and current values.
+        tangents: per parameter, the b vectors' pieces, shape (b, *p.shape).
+        batched: vmap over the b vectors (True) or one jvp per vector (False).
+        rewind_rng: puts the random state back to where it was when the call began; called before
+            every pass after the first, so that dropout draws the same masks for every vector.
+
+    Returns:
+        (loss, rows): the loss and the (b, n) products.
+    """
+    from torch.func import grad, jvp, vmap
+
+    b = tangents[0].shape[0]
+    primals = {name: p.detach() for name, p in zip(names, params)}
+
+    def loss_and_value(theta: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        loss = loss_of(theta)
+        return loss, loss.detach()
+
+    gradient = grad(loss_and_value, has_aux=True)
+
+    def product(direction: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        _, hv, loss = jvp(gradient, (primals,), (direction,), has_aux=True)
+        return hv, loss
+
+    # The transforms track their own derivatives; outside them nothing needs a graph (parameters
+    # left out of the chosen set still have requires_grad=True).
+    with torch.no_grad():
+        if batched:
+            with _quiet_vmap_fallbacks():
+                hv, losses = vmap(product, randomness="same")(dict(zip(names, tangents)))
+            return losses[0], _rows_from_blocks([hv[name] for name in names], params, b)
+        rows = []
+        loss = None
+        for j in range(b):
+            if j:
+                rewind_rng()
+            hv, loss = product({name: t[j] for name, t in zip(names, tangents)})
+            rows.append(_rows_from_blocks([hv[name].unsqueeze(0) for name in names], params, 1))
+        return loss, torch.cat(rows, dim=0)
