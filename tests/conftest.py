@@ -6,6 +6,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The tests use small models, for which one thread is as fast as several; more threads than free
+# cores make OpenMP spin and slow such products down by orders of magnitude on a busy machine.
+torch.set_num_threads(1)
+
 from helpers import batches, classification_data, dense_loss_hessian, small_mlp  # noqa: E402
 
 
