@@ -11,6 +11,7 @@ from .solvers import (
     lanczos,
     power_iteration,
 )
+from .solvers import block_lanczos, thick_restart_lanczos
 
 __version__ = "1.0.0"
 
@@ -29,4 +30,6 @@ __all__ = [
     "ConvergenceWarning",
     "NoConvergenceError",
     "NonFiniteError",
+    "thick_restart_lanczos",
+    "block_lanczos",
 ]
