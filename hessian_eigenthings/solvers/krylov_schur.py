@@ -174,7 +174,10 @@ def krylov_schur(
             q, r2 = torch.linalg.qr(q - prev @ third)
             coeffs = coeffs + third @ r
             r = r2 @ r
-        proj[:m, cols] = coeffs
+        # While every product so far was exactly zero, the noise is all there is: keep it out of H.
+        live = (scale > 0).to(dtype)
+        proj[:m, cols] = coeffs * live
+        r = r * live
 
         full = m + b > basis_size
         if full or m >= next_check:

@@ -36,6 +36,10 @@ def thick_restart_lanczos(
     ``||A x - theta x||`` come from the Krylov-Schur relation (equal to measured residuals up to
     rounding, about ``eps * ||A||``) and cost no product.
 
+    Like every single-vector Krylov method (ARPACK too), it sees one copy of a repeated eigenvalue
+    per breakdown of the Krylov space; for eigenvalues repeated m times use :func:`block_lanczos`
+    with ``block_size >= m``.
+
     Args:
         operator: an :class:`Operator` or a dense symmetric (n, n) matrix.
         num_eigenthings: k, the number of eigenpairs (1 <= k < n).
@@ -47,6 +51,8 @@ def thick_restart_lanczos(
             between k + 2 (or n, if smaller) and n; default ``max(2k + 20, 40)`` (ARPACK's).
         init_vecs: warm start, a (n,) vector or (m, n) rows such as the last call's eigenvectors;
             the Lanczos start vector is their normalised sum (its Krylov space holds them all).
+            One vector near the answer cuts the products most; for several vectors of a tight
+            cluster, :func:`block_lanczos` with ``block_size`` = their number uses them better.
         use_gpu: ignored; vectors live on the operator's device (kept for compatibility).
         fp16: ignored with a warning; precision belongs to the operator (kept for compatibility).
         to_numpy: return numpy arrays (eigenvalues float64); False returns tensors on the
