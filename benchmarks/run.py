@@ -248,13 +248,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="GPU sizes: MLP 1024 wide (1.1M params), 4x256 transformer, and ResNet-18 (11M)")
     parser.add_argument("--tol", type=float, default=1e-4, help="relative residual target of every method")
     parser.add_argument("--power-steps", type=int, default=None,
-                        help="power iteration / PyHessian steps per eigenpair (default 300; 100 with --quick)")
+                        help="power iteration / PyHessian steps per eigenpair (default 100, PyHessian's maxIter)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
     args.k = args.k or (5 if args.quick else 10)
-    args.power_steps = args.power_steps or (100 if args.quick else 300)
+    args.power_steps = args.power_steps or 100
     default_workloads = "mlp,cnn,transformer" + (",resnet" if args.gpu_sized else "")
     args.workloads = [w.strip() for w in (args.workloads or default_workloads).split(",") if w.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -17,12 +17,16 @@ Device discipline: nothing inside a step reads a value on the host. Breakdown (a
 subspace, where the new block is rounding noise) is handled without a test: a random block of
 size ``eps * ||A||`` (the rounding level of the products) is added to every product, so the
 orthogonalised block always has a fresh direction to point in, and its coupling to the basis stays
-at the rounding level. Blocks get a third orthogonalisation pass after their QR, because the
+at the rounding level (while every product so far was exactly zero, the noise is kept out of H,
+so a zero operator gives zeros). Blocks get a third orthogonalisation pass after their QR, because the
 directions of a rank-deficient block come out of that QR amplified and not orthogonal to V. The
 host sees the small matrices (H, R) only at checkpoints: when the basis is full (a restart), and
 at a few sizes in between whose count grows with the logarithm of the basis size (so a pair
 that converges early does not wait for the whole basis). The Ritz residual
 ``||A x - theta x|| = ||R y_last||`` comes from the decomposition and costs no product.
+
+``krylov.lanczos_tridiagonal`` is not reused for the steps: it reads one scalar per step (its
+breakdown test), grows from a single vector and cannot continue a restarted decomposition.
 """
 
 from __future__ import annotations
