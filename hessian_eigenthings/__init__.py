@@ -11,6 +11,7 @@ from .solvers import (
     lanczos,
     power_iteration,
 )
+from .solvers import block_lanczos, thick_restart_lanczos
 
 __version__ = "1.0.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "ConvergenceWarning",
     "NoConvergenceError",
     "NonFiniteError",
+    "thick_restart_lanczos",
+    "block_lanczos",
 ]
 
 # Spectrum analysis (trace, diagonal, density, dense Hessians) and the GGN / empirical Fisher operators.

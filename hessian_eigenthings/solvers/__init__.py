@@ -1,8 +1,10 @@
 """Eigensolvers that work on any :class:`~hessian_eigenthings.operators.Operator`."""
 
 from .arpack import NoConvergenceError, lanczos
+from .block_lanczos import block_lanczos
 from .power_iter import deflated_power_iteration, power_iteration
 from .result import ConvergenceWarning, EigenResult
+from .thick_restart import thick_restart_lanczos
 
 __all__ = [
     "power_iteration",
@@ -11,4 +13,6 @@ __all__ = [
     "EigenResult",
     "ConvergenceWarning",
     "NoConvergenceError",
+    "thick_restart_lanczos",
+    "block_lanczos",
 ]
