@@ -185,3 +185,38 @@ def test_frozen_parameter_chosen_explicitly_is_refused(data):
     with pytest.raises(ValueError, match="requires_grad=False"):
         HVPOperator(model, data, F.cross_entropy, use_gpu=False, params=["0.weight"])
     assert model[0].weight.requires_grad is False
+
+
+def test_deferred_checks_postpone_the_sync_but_still_name_the_batch(data):
+    model = small_mlp()
+    x, y = data[1]
+    bad_x = x.clone()
+    bad_x[0, 0] = math.nan
+    op = HVPOperator(model, [data[0], (bad_x, y)], F.cross_entropy, use_gpu=False)
+    calls = []
+    real = op._raise_if_not_finite
+    op._raise_if_not_finite = lambda checks: (calls.append(len(checks)), real(checks))[1]
+    v = torch.ones(op.size, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match="batch 1"):
+        with op.deferred_checks():
+            for _ in range(3):
+                op.apply(v)
+            assert calls == []  # nothing read on the host yet
+    assert calls == [6]  # one check of all three products' two batches
+    good = HVPOperator(model, data, F.cross_entropy, use_gpu=False)
+    with good.deferred_checks():
+        good.apply(v)
+        good.flush_checks()
+        good.apply(v)
+    assert good._deferred is None
+
+
+def test_native_solver_reports_a_nan_product():
+    from hessian_eigenthings import thick_restart_lanczos
+
+    model = small_mlp()
+    x, y = classification_data(num=64)
+    x[5, 1] = math.nan
+    op = HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False)
+    with pytest.raises(NonFiniteError, match="batch 0"):
+        thick_restart_lanczos(op, 2, verbose=False)

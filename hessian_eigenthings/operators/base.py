@@ -8,7 +8,8 @@ the same way, and count products so that solvers can report their cost.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+import contextlib
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 import torch
@@ -67,6 +68,16 @@ class Operator:
         out = self._matmat(mat)
         self.num_products += mat.shape[1]
         return out
+
+    @contextlib.contextmanager
+    def deferred_checks(self) -> Iterator[None]:
+        """Within this block, checks that would read a device value on the host after every product
+        (such as NaN/Inf tests) may be postponed to :meth:`flush_checks` or the end of the block.
+        Solvers that keep vectors on a GPU use it to avoid one sync per product. Default: no-op."""
+        yield
+
+    def flush_checks(self) -> None:
+        """Run the checks postponed by :meth:`deferred_checks` (raising as they would have)."""
 
     def __matmul__(self, other: Tensor) -> Tensor:
         if isinstance(other, Tensor) and other.dim() == 2:

@@ -113,6 +113,7 @@ class ModelOperator(Operator):
         self.is_stochastic = not self.full_dataset
         self.eval_mode = bool(eval_mode)
         self.check_finite = bool(check_finite)
+        self._deferred: Optional[list] = None  # pending NaN/Inf checks inside deferred_checks()
         self.param_names = names
         self.dropout_seed = 0
         self._batch_iter: Optional[Iterator] = None
@@ -162,7 +163,9 @@ class ModelOperator(Operator):
                 seen += count
                 if self.check_finite:
                     checks.append((label, loss.detach(), torch.isfinite(hv).all()))
-            if checks:
+            if checks and self._deferred is not None and not distributed.is_distributed(self.process_group):
+                self._deferred.extend(checks)
+            elif checks:
                 self._raise_if_not_finite(checks)
         total, seen = guard.reduce(total, seen, mat)
         if seen == 0:
@@ -170,6 +173,30 @@ class ModelOperator(Operator):
         if self.full_dataset:
             self.num_samples = seen
         return total.div_(seen)
+
+    @contextlib.contextmanager
+    def deferred_checks(self) -> Iterator[None]:
+        """Postpone the NaN/Inf checks of the products in this block to :meth:`flush_checks` or the
+        block's end, saving the host sync of every product. Under a process group the checks stay
+        immediate (the product's all-reduce synchronises anyway, and every rank must raise alike)."""
+        if self._deferred is not None:  # nested: the outer block flushes
+            yield
+            return
+        self._deferred = []
+        try:
+            yield
+        except BaseException:
+            self._deferred = None
+            raise
+        pending, self._deferred = self._deferred, None
+        if pending:
+            self._raise_if_not_finite(pending)
+
+    def flush_checks(self) -> None:
+        """Run the checks postponed by :meth:`deferred_checks` now (one host sync for all of them)."""
+        if self._deferred:
+            pending, self._deferred = self._deferred, []
+            self._raise_if_not_finite(pending)
 
     def _chunk_products(
         self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str

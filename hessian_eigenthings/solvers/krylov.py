@@ -1,7 +1,7 @@
 """The Lanczos process: an orthonormal Krylov basis and the tridiagonal matrix of an operator in it.
 
-This is the building block of spectral density estimation (stochastic Lanczos quadrature) and of
-the native restarted eigensolvers. Everything stays on the operator's device; the only host
+This is the building block of spectral density estimation (stochastic Lanczos quadrature); the
+native restarted eigensolvers use their own block variant (krylov_schur.py). Everything stays on the operator's device; the only host
 syncs are the breakdown tests (one scalar per step).
 """
 

@@ -186,6 +186,7 @@ def krylov_schur(
         full = m + b > basis_size
         if full or m >= next_check:
             checks += 1
+            op.flush_checks()
             cycles += full
             # The small matrices go to the host once; numpy's LAPACK is fast on them (torch's
             # threaded eigh is not, at this size).
@@ -292,7 +293,9 @@ def native_solve(
     first_products = op.num_products
     bar = progress(desc=solver, verbose=verbose, total=None)
     try:
-        outcome = krylov_schur(op, k, which, block, basis_size, keep, max_steps, tol, generator, bar)
+        # NaN/Inf tests of the products wait for the checkpoints, which read the host anyway.
+        with op.deferred_checks():
+            outcome = krylov_schur(op, k, which, block, basis_size, keep, max_steps, tol, generator, bar)
     finally:
         bar.close()
     num_products = op.num_products - first_products
