@@ -159,12 +159,20 @@ def _power_solve(
             # A warm start usually holds the wanted end's top vector; it then serves both solves.
             shift_start = starts[:, 0] if starts is not None else randoms[:, k]
             lam, vec, res = _iterate(op, shift_start, 1.0, 0.0, None, steps, tol, momentum, scale, bar)
-            scale = lam.abs()
-            if (which == "LA") == bool(lam >= 0):
+            # ||A v|| = sqrt(lam**2 + res**2) >= |lam|. Where the solve ran out of steps between two
+            # eigenvalues of nearly equal magnitude and opposite sign, v mixes them and lam is far
+            # below rho, while ||A v|| is already close to it; a shift too small would make the
+            # shifted operator indefinite and lead the search to the wrong end of the spectrum.
+            rho = torch.sqrt(lam * lam + res * res)
+            scale = rho
+            converged = float(res) <= max(tol * abs(float(lam)), 10 * torch.finfo(op.dtype).eps * float(rho))
+            # Only a converged vector is an eigenvector that deflation may remove; a mixture would
+            # take the wanted eigenvector's direction with it.
+            if converged and (which == "LA") == bool(lam >= 0):
                 found_vals.append(lam)
                 found_vecs.append(vec)
                 last_residual = res
-            sign, shift = (1.0 if which == "LA" else -1.0), float(lam.abs())
+            sign, shift = (1.0 if which == "LA" else -1.0), float(rho)
         while len(found_vecs) < k:
             basis = torch.stack(found_vecs, dim=1) if found_vecs else None
             lam, vec, res = _iterate(
