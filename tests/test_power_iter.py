@@ -143,3 +143,15 @@ def test_la_sa_find_the_right_end_when_the_shift_solve_cannot_converge(which):
                                           verbose=False)
     assert np.allclose(result.eigenvalues, vals, rtol=1e-9)
     assert np.all(abs_cosines(result.eigenvectors, vecs) >= 0.9999)
+
+
+def test_non_finite_momentum_is_refused_and_too_much_momentum_is_named_in_the_warning():
+    a, _, _ = planted_matrix(SPECTRUM, seed=10)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="momentum must be a finite number"):
+            power_iteration(a, momentum=bad, verbose=False)
+    with pytest.raises(ValueError, match="power_iter_err_threshold"):
+        deflated_power_iteration(a, 2, power_iter_err_threshold=float("nan"), verbose=False)
+    # beta = 30 is above 10**2 / 4 = 25: the iteration stalls, and the advice says so.
+    with pytest.warns(ConvergenceWarning, match=r"momentum \(now 30\) is below lambda\*\*2 / 4"):
+        power_iteration(a, steps=200, momentum=30.0, verbose=False)

@@ -135,11 +135,13 @@ def _power_solve(
     which = check_which(which)
     steps = check_positive_int(steps, steps_name)
     tol = float(tol)
-    if not tol > 0:
-        raise ValueError(f"{tol_name} must be positive, got {tol}.")
+    if not 0 < tol < float("inf"):
+        raise ValueError(f"{tol_name} must be a positive number such as 1e-4, got {tol}.")
     momentum = float(momentum)
-    if momentum < 0:
-        raise ValueError(f"momentum must be >= 0 (the beta of x_(t+1) = A x_t - beta x_(t-1)), got {momentum}.")
+    if not 0 <= momentum < float("inf"):  # also refuses NaN, which would poison every iterate
+        raise ValueError(
+            f"momentum must be a finite number >= 0 (the beta of x_(t+1) = A x_t - beta x_(t-1)), got {momentum}."
+        )
     starts = check_init_vectors(init, op, k, "init_vec" if allow_k_equal_n else "init_vecs")
     randoms = random_vectors(op, k + 1, seed)
 
@@ -198,9 +200,16 @@ def _power_solve(
     values_list = values.tolist()
     residual_arr = residuals.double().cpu().numpy()
     converged_arr = converged.cpu().numpy()
-    advice = (
-        f"Raise {steps_name} (now {steps}), add momentum (about lambda_next**2 / 4), or loosen {tol_name}."
-    )
+    if momentum > 0:
+        # Too large a beta stalls the iteration instead of speeding it up.
+        advice = (
+            f"Raise {steps_name} (now {steps}), check that momentum (now {momentum:g}) is below lambda**2 / 4 "
+            f"for every wanted eigenvalue (lambda_next**2 / 4 is best), or loosen {tol_name}."
+        )
+    else:
+        advice = (
+            f"Raise {steps_name} (now {steps}), add momentum (about lambda_next**2 / 4), or loosen {tol_name}."
+        )
     if op.is_stochastic:
         advice += (
             " The operator is stochastic (one mini-batch per product), so residuals cannot fall below the "
