@@ -185,3 +185,16 @@ def test_frozen_parameter_chosen_explicitly_is_refused(data):
     with pytest.raises(ValueError, match="requires_grad=False"):
         HVPOperator(model, data, F.cross_entropy, use_gpu=False, params=["0.weight"])
     assert model[0].weight.requires_grad is False
+
+
+def test_inf_in_an_input_is_reported_with_its_batch(data):
+    # tanh saturates, so the loss stays finite while the product of that batch is not.
+    model = with_grads(small_mlp()).train()
+    before = model_snapshot(model)
+    (x0, y0), (x1, y1) = data
+    x1 = x1.clone()
+    x1[4, 1] = math.inf
+    op = HVPOperator(model, [(x0, y0), (x1, y1)], F.cross_entropy, use_gpu=False)
+    with pytest.raises(NonFiniteError, match=r"product of batch 1 .*inputs may contain NaN/Inf"):
+        op.apply(torch.ones(op.size, dtype=torch.float64))
+    assert_model_unchanged(model, before)
