@@ -414,3 +414,22 @@ def test_two_gpu_ranks_over_nccl_match_the_single_process_hessian(mlp_problem, t
         exact = torch.linalg.eigvalsh(hessian)
     top = exact[torch.argsort(exact.abs(), descending=True)[:3]].numpy()
     assert np.allclose(r0["lanczos"], top, rtol=1e-8, atol=0)
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun_and_matches_a_single_process(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "example" / "distributed.py"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         "--compare", "--quiet", "--epochs", "2", "--k", "3", "--timeout", "60"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 rank(s), shards of [899, 898] samples" in proc.stdout
+    assert "over 1797 samples" in proc.stdout
+    assert "largest difference between ranks: 0\n" in proc.stdout
+    rel = float(proc.stdout.split("largest relative difference ")[1].split()[0])
+    assert rel <= 1e-6, proc.stdout  # both solves meet tol=1e-6
