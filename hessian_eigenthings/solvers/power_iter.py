@@ -9,8 +9,10 @@ next eigenvalue below the wanted one, over four); it cuts the steps needed rough
 
 Deflation projects the found eigenvectors out of every iterate, so later eigenpairs are
 searched in the orthogonal complement. "LA"/"SA" are reached by shifting: the operator is first
-solved for its largest-magnitude eigenvalue ``rho``; then ``A + rho I`` (LA) or ``rho I - A`` (SA)
-is positive semi-definite and its top eigenpairs are the wanted ones. A final Rayleigh-Ritz step
+solved for its largest-magnitude eigenvalue ``rho`` (taken as ``||A v||`` of that solve's unit vector,
+which is never below ``|v^T A v|`` and stays near ``rho`` even where the solve has not converged);
+then ``A + rho I`` (LA) or ``rho I - A`` (SA) is positive semi-definite and its top eigenpairs are
+the wanted ones. The shift solve's vector counts as a found eigenpair only if it converged. A final Rayleigh-Ritz step
 over all found vectors (k extra products) refines the pairs and makes the vectors orthonormal.
 """
 
