@@ -24,7 +24,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from hessian_eigenthings import HVPOperator, deflated_power_iteration, distributed, lanczos
+from hessian_eigenthings import (
+    GGNOperator,
+    HVPOperator,
+    deflated_power_iteration,
+    distributed,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    spectral_density,
+)
 from hessian_eigenthings.operators.model_operator import NonFiniteError
 from hessian_eigenthings.solvers.result import random_vectors
 from hessian_eigenthings.utils import progress
@@ -144,6 +153,16 @@ def _agreement_worker(rank: int) -> dict:
 
     probes = torch.randint(0, 2, (op.size, 16), generator=torch.Generator().manual_seed(11)).double() * 2 - 1
     out["hutchinson"] = float((probes * op.apply_block(probes)).sum(0).mean())
+    # The library's estimators: fixed seeds (compared with a single process) and seed=None
+    # (rank 0's seed, broadcast), which must still give every rank the same numbers.
+    out["trace_fixed"] = hutchinson_trace(op, max_products=32, seed=5, verbose=False).estimate
+    estimate = hutchpp_trace(op, max_products=30, seed=None, verbose=False)
+    out["trace_hutchpp"] = (estimate.estimate, estimate.std_error)
+    density = spectral_density(op, num_probes=2, num_steps=15, seed=None, verbose=False)
+    out["density"] = (density.ritz_values, density.weights, density.density)
+    out["density_fixed"] = spectral_density(op, num_probes=2, num_steps=15, seed=4, verbose=False).ritz_values
+    # Every model operator reduces over the ranks, not only the HVP.
+    out["ggn_block"] = GGNOperator(model, loader, F.cross_entropy, use_gpu=False).apply_block(block)
 
     stochastic = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, full_dataset=False)
     out["stochastic"] = [stochastic.apply(block[:, 0]), stochastic.apply(block[:, 0])]
@@ -265,6 +284,21 @@ def test_two_ranks_with_uneven_shards_match_the_single_process_hessian(mlp_probl
     probes = torch.randint(0, 2, (hessian.shape[0], 16), generator=torch.Generator().manual_seed(11)).double() * 2 - 1
     dense_trace = float((probes * (hessian @ probes)).sum(0).mean())
     assert r0["hutchinson"] == pytest.approx(dense_trace, rel=1e-10)
+    # ... and the library's own estimators: identical on both ranks, and with a fixed seed the
+    # single-process numbers on the whole dataset.
+    for key in ("trace_hutchpp", "density"):
+        for a, b in zip(r0[key], r1[key]):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), key
+    assert r0["trace_fixed"] == r1["trace_fixed"]
+    with _one_thread():
+        whole = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+        single_trace = hutchinson_trace(whole, max_products=32, seed=5, verbose=False).estimate
+        single_ritz = spectral_density(whole, num_probes=2, num_steps=15, seed=4, verbose=False).ritz_values
+        ggn = GGNOperator(model, loader, F.cross_entropy, use_gpu=False).apply_block(block)
+    assert r0["trace_fixed"] == pytest.approx(single_trace, rel=1e-10)
+    assert np.allclose(r0["density_fixed"], single_ritz, rtol=1e-8, atol=1e-10 * np.abs(single_ritz).max())
+    for out in ranks:
+        assert torch.allclose(out["ggn_block"], ggn, rtol=1e-10, atol=1e-12 * ggn.abs().max())
 
     # One mini-batch per rank per product, weighted by their sizes: the Hessian over their union
     # (the single-process product on the union, itself checked against dense Hessians in test_hvp).
@@ -380,3 +414,22 @@ def test_two_gpu_ranks_over_nccl_match_the_single_process_hessian(mlp_problem, t
         exact = torch.linalg.eigvalsh(hessian)
     top = exact[torch.argsort(exact.abs(), descending=True)[:3]].numpy()
     assert np.allclose(r0["lanczos"], top, rtol=1e-8, atol=0)
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun_and_matches_a_single_process(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "example" / "distributed.py"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         "--compare", "--quiet", "--epochs", "2", "--k", "3", "--timeout", "60"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 rank(s), shards of [899, 898] samples" in proc.stdout
+    assert "over 1797 samples" in proc.stdout
+    assert "largest difference between ranks: 0\n" in proc.stdout
+    rel = float(proc.stdout.split("largest relative difference ")[1].split()[0])
+    assert rel <= 1e-6, proc.stdout  # both solves meet tol=1e-6

@@ -88,6 +88,9 @@ def test_bad_arguments():
         lanczos(lambda v: v, 3)
     with pytest.raises(ValueError, match="symmetric"):
         lanczos(torch.triu(torch.ones(10, 10)), 2)
+    for bad_tol in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol must be a positive number"):
+            lanczos(a, 3, tol=bad_tol)
 
 
 @pytest.mark.parametrize("which", ["LM", "LA"])

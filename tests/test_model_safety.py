@@ -220,3 +220,15 @@ def test_native_solver_reports_a_nan_product():
     op = HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False)
     with pytest.raises(NonFiniteError, match="batch 0"):
         thick_restart_lanczos(op, 2, verbose=False)
+
+def test_inf_in_an_input_is_reported_with_its_batch(data):
+    # tanh saturates, so the loss stays finite while the product of that batch is not.
+    model = with_grads(small_mlp()).train()
+    before = model_snapshot(model)
+    (x0, y0), (x1, y1) = data
+    x1 = x1.clone()
+    x1[4, 1] = math.inf
+    op = HVPOperator(model, [(x0, y0), (x1, y1)], F.cross_entropy, use_gpu=False)
+    with pytest.raises(NonFiniteError, match=r"product of batch 1 .*inputs may contain NaN/Inf"):
+        op.apply(torch.ones(op.size, dtype=torch.float64))
+    assert_model_unchanged(model, before)

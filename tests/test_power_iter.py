@@ -127,3 +127,31 @@ def test_warm_start_also_serves_the_shift_solve_of_la():
     assert np.allclose(warm.eigenvalues, [10.0, 7.0], rtol=1e-9)
     assert warm.num_products == 1 + 1 + 2  # shift solve, second pair, Rayleigh-Ritz
     assert cold.num_products > 5 * warm.num_products
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_la_sa_find_the_right_end_when_the_shift_solve_cannot_converge(which):
+    # -10 and 9.99 have nearly equal magnitude: within 200 steps the largest-magnitude solve that
+    # sets the shift returns a mixture of both, whose Rayleigh quotient is far below 10. The shift
+    # must still reach the wanted end, and the mixture must not be deflated as an eigenvector.
+    spectrum = [-10.0, 9.99, -5.0, 4.0] + list(np.linspace(-1.0, 1.0, 96))
+    a, _, _ = planted_matrix(spectrum, seed=0)
+    vals, vecs = exact_top(a, 2, which)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        result = deflated_power_iteration(a, 2, power_iter_steps=200, power_iter_err_threshold=1e-6, which=which,
+                                          verbose=False)
+    assert np.allclose(result.eigenvalues, vals, rtol=1e-9)
+    assert np.all(abs_cosines(result.eigenvectors, vecs) >= 0.9999)
+
+
+def test_non_finite_momentum_is_refused_and_too_much_momentum_is_named_in_the_warning():
+    a, _, _ = planted_matrix(SPECTRUM, seed=10)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="momentum must be a finite number"):
+            power_iteration(a, momentum=bad, verbose=False)
+    with pytest.raises(ValueError, match="power_iter_err_threshold"):
+        deflated_power_iteration(a, 2, power_iter_err_threshold=float("nan"), verbose=False)
+    # beta = 30 is above 10**2 / 4 = 25: the iteration stalls, and the advice says so.
+    with pytest.warns(ConvergenceWarning, match=r"momentum \(now 30\) is below lambda\*\*2 / 4"):
+        power_iteration(a, steps=200, momentum=30.0, verbose=False)

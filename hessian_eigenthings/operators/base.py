@@ -51,6 +51,7 @@ class Operator:
     # -- public interface ----------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int]:
+        """(n, n)."""
         return (self.size, self.size)
 
     def apply(self, vec: Tensor) -> Tensor:
@@ -80,11 +81,13 @@ class Operator:
         """Run the checks postponed by :meth:`deferred_checks` (raising as they would have)."""
 
     def __matmul__(self, other: Tensor) -> Tensor:
+        """``op @ v`` for a (n,) vector (:meth:`apply`) or ``op @ V`` for a (n, b) block (:meth:`apply_block`)."""
         if isinstance(other, Tensor) and other.dim() == 2:
             return self.apply_block(other)
         return self.apply(other)
 
     def __call__(self, vec: Tensor) -> Tensor:
+        """``op(v)`` is ``op @ v``."""
         return self @ vec
 
     def to_scipy(self) -> "scipy.sparse.linalg.LinearOperator":  # noqa: F821

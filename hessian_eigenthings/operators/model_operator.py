@@ -265,7 +265,8 @@ class ModelOperator(Operator):
             )
         raise NonFiniteError(
             f"The Hessian-vector product of {label} has NaN/Inf entries although its loss is finite "
-            f"({loss.item():.6g}). The vector may contain NaN/Inf, or the second derivatives overflow: "
+            f"({loss.item():.6g}). The vector or that batch's inputs may contain NaN/Inf (an Inf input can "
+            f"leave the loss finite through a saturating activation), or the second derivatives overflow: "
             f"try float64 (model.double()) or fp16=False."
         )
 

@@ -88,8 +88,8 @@ def lanczos(
     which = check_which(which)
     max_steps = check_positive_int(max_steps, "max_steps")
     tol = float(tol)
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}.")
+    if not 0 < tol < float("inf"):
+        raise ValueError(f"tol must be a positive number such as 1e-6, got {tol}.")
     if num_lanczos_vectors is None:
         ncv = default_num_lanczos_vectors(k, op.size)
     else:

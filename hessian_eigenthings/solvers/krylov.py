@@ -36,6 +36,7 @@ class LanczosDecomposition:
 
     @property
     def num_steps(self) -> int:
+        """m, the Lanczos steps taken: the size of the (m, m) tridiagonal matrix."""
         return int(self.alphas.shape[0])
 
     def tridiagonal(self) -> Tensor:

@@ -9,8 +9,10 @@ next eigenvalue below the wanted one, over four); it cuts the steps needed rough
 
 Deflation projects the found eigenvectors out of every iterate, so later eigenpairs are
 searched in the orthogonal complement. "LA"/"SA" are reached by shifting: the operator is first
-solved for its largest-magnitude eigenvalue ``rho``; then ``A + rho I`` (LA) or ``rho I - A`` (SA)
-is positive semi-definite and its top eigenpairs are the wanted ones. A final Rayleigh-Ritz step
+solved for its largest-magnitude eigenvalue ``rho`` (taken as ``||A v||`` of that solve's unit vector,
+which is never below ``|v^T A v|`` and stays near ``rho`` even where the solve has not converged);
+then ``A + rho I`` (LA) or ``rho I - A`` (SA) is positive semi-definite and its top eigenpairs are
+the wanted ones. The shift solve's vector counts as a found eigenpair only if it converged. A final Rayleigh-Ritz step
 over all found vectors (k extra products) refines the pairs and makes the vectors orthonormal.
 """
 
@@ -135,11 +137,13 @@ def _power_solve(
     which = check_which(which)
     steps = check_positive_int(steps, steps_name)
     tol = float(tol)
-    if not tol > 0:
-        raise ValueError(f"{tol_name} must be positive, got {tol}.")
+    if not 0 < tol < float("inf"):
+        raise ValueError(f"{tol_name} must be a positive number such as 1e-4, got {tol}.")
     momentum = float(momentum)
-    if momentum < 0:
-        raise ValueError(f"momentum must be >= 0 (the beta of x_(t+1) = A x_t - beta x_(t-1)), got {momentum}.")
+    if not 0 <= momentum < float("inf"):  # also refuses NaN, which would poison every iterate
+        raise ValueError(
+            f"momentum must be a finite number >= 0 (the beta of x_(t+1) = A x_t - beta x_(t-1)), got {momentum}."
+        )
     starts = check_init_vectors(init, op, k, "init_vec" if allow_k_equal_n else "init_vecs")
     randoms = random_vectors(op, k + 1, seed)
 
@@ -159,12 +163,20 @@ def _power_solve(
             # A warm start usually holds the wanted end's top vector; it then serves both solves.
             shift_start = starts[:, 0] if starts is not None else randoms[:, k]
             lam, vec, res = _iterate(op, shift_start, 1.0, 0.0, None, steps, tol, momentum, scale, bar)
-            scale = lam.abs()
-            if (which == "LA") == bool(lam >= 0):
+            # ||A v|| = sqrt(lam**2 + res**2) >= |lam|. Where the solve ran out of steps between two
+            # eigenvalues of nearly equal magnitude and opposite sign, v mixes them and lam is far
+            # below rho, while ||A v|| is already close to it; a shift too small would make the
+            # shifted operator indefinite and lead the search to the wrong end of the spectrum.
+            rho = torch.sqrt(lam * lam + res * res)
+            scale = rho
+            converged = float(res) <= max(tol * abs(float(lam)), 10 * torch.finfo(op.dtype).eps * float(rho))
+            # Only a converged vector is an eigenvector that deflation may remove; a mixture would
+            # take the wanted eigenvector's direction with it.
+            if converged and (which == "LA") == bool(lam >= 0):
                 found_vals.append(lam)
                 found_vecs.append(vec)
                 last_residual = res
-            sign, shift = (1.0 if which == "LA" else -1.0), float(lam.abs())
+            sign, shift = (1.0 if which == "LA" else -1.0), float(rho)
         while len(found_vecs) < k:
             basis = torch.stack(found_vecs, dim=1) if found_vecs else None
             lam, vec, res = _iterate(
@@ -190,9 +202,16 @@ def _power_solve(
     values_list = values.tolist()
     residual_arr = residuals.double().cpu().numpy()
     converged_arr = converged.cpu().numpy()
-    advice = (
-        f"Raise {steps_name} (now {steps}), add momentum (about lambda_next**2 / 4), or loosen {tol_name}."
-    )
+    if momentum > 0:
+        # Too large a beta stalls the iteration instead of speeding it up.
+        advice = (
+            f"Raise {steps_name} (now {steps}), check that momentum (now {momentum:g}) is below lambda**2 / 4 "
+            f"for every wanted eigenvalue (lambda_next**2 / 4 is best), or loosen {tol_name}."
+        )
+    else:
+        advice = (
+            f"Raise {steps_name} (now {steps}), add momentum (about lambda_next**2 / 4), or loosen {tol_name}."
+        )
     if op.is_stochastic:
         advice += (
             " The operator is stochastic (one mini-batch per product), so residuals cannot fall below the "
