@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
+import sys
 from typing import Any, Iterable, Optional
 
 import torch
@@ -93,3 +95,17 @@ def resolve_device(device: Any) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asks for CUDA, but torch.cuda.is_available() is False here.")
     return dev
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller point at the user's own line:
+    the first frame outside this package, however deep inside it the warning is raised."""
+    level = 1
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level

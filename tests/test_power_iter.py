@@ -155,3 +155,15 @@ def test_non_finite_momentum_is_refused_and_too_much_momentum_is_named_in_the_wa
     # beta = 30 is above 10**2 / 4 = 25: the iteration stalls, and the advice says so.
     with pytest.warns(ConvergenceWarning, match=r"momentum \(now 30\) is below lambda\*\*2 / 4"):
         power_iteration(a, steps=200, momentum=30.0, verbose=False)
+
+
+def test_convergence_warning_points_at_the_callers_line(mlp_problem):
+    from torch import nn
+
+    from hessian_eigenthings import compute_hessian_eigenthings
+
+    model, loader, _, _, _ = mlp_problem
+    with pytest.warns(ConvergenceWarning) as record:
+        compute_hessian_eigenthings(model, loader, nn.functional.cross_entropy, 2, use_gpu=False, verbose=False,
+                                    power_iter_steps=2)
+    assert record[0].filename == __file__

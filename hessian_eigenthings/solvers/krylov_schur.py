@@ -308,7 +308,7 @@ def native_solve(
     if op.is_stochastic:
         advice += " The operator is stochastic: use full_dataset=True for converged eigenpairs."
     warn_unconverged(
-        solver, outcome.values.tolist(), residuals.tolist(), converged.tolist(), tol, advice, stacklevel=4
+        solver, outcome.values.tolist(), residuals.tolist(), converged.tolist(), tol, advice
     )
     logger.info(
         "%s: %d eigenpairs with %d products (block %d, basis %d, %d restarts, %d checks).",

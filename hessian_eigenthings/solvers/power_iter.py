@@ -218,7 +218,7 @@ def _power_solve(
             "mini-batch noise: use full_dataset=True for converged eigenpairs."
         )
     warn_unconverged(
-        solver, values_list, residual_arr.tolist(), converged_arr.tolist(), tol, advice, stacklevel=4
+        solver, values_list, residual_arr.tolist(), converged_arr.tolist(), tol, advice
     )
     num_products = op.num_products - first_products
     logger.info("%s: %d eigenpairs with %d products.", solver, k, num_products)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..utils import private_generator
+from ..utils import private_generator, user_stacklevel
 from ..operators.base import Operator
 
 
@@ -94,7 +94,7 @@ def residual_norms(operator: Operator, values: Tensor, vectors: Tensor) -> tuple
 
 def warn_unconverged(
     solver: str, values: Sequence[float], residuals: Sequence[float], converged: Sequence[bool],
-    tol: float, advice: str, stacklevel: int = 3,
+    tol: float, advice: str,
 ) -> None:
     """Emit a ConvergenceWarning naming the unconverged pairs, their residuals and what to raise."""
     bad = [i for i, ok in enumerate(converged) if not ok]
@@ -109,7 +109,7 @@ def warn_unconverged(
         f"{solver} did not converge for {len(bad)} of {len(converged)} eigenpairs to relative residual "
         f"{tol:g}: {details}{more}. {advice}",
         ConvergenceWarning,
-        stacklevel=stacklevel,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -156,5 +156,5 @@ def compat_flags(solver: str, fp16: bool) -> None:
             f"{solver}(fp16=True) no longer lowers the solver's precision (half-precision vectors ruin "
             f"orthogonality); set fp16=True on the operator, e.g. HVPOperator(..., fp16=True), instead.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..operators.base import Operator, as_operator
 from ..solvers.result import ConvergenceWarning
-from ..utils import check_positive_int, logger, progress
+from ..utils import check_positive_int, logger, progress, user_stacklevel
 from .probes import check_distribution, draw_probes, probe_generator
 from .trace import _check_stopping
 
@@ -132,7 +132,7 @@ def hutchinson_diagonal(
             f"above the requested tolerance. Raise max_products (errors fall like 1/sqrt(products)) or "
             f"loosen tol/rtol.",
             ConvergenceWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     logger.info("hutchinson_diagonal: %d probes, max standard error %.3g.", count, float(se.max()))
     return result

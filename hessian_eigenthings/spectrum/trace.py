@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..operators.base import Operator, as_operator
 from ..solvers.result import ConvergenceWarning
-from ..utils import check_positive_int, logger, progress
+from ..utils import check_positive_int, logger, progress, user_stacklevel
 from .probes import check_distribution, draw_probes, probe_generator
 
 
@@ -132,7 +132,7 @@ def _warn_budget(method: str, result: TraceEstimate, tol: Optional[float], rtol:
         f"{result.std_error:.3g} (estimate {result.estimate:.6g}), above the requested {wanted}. "
         f"Raise max_products (the error falls like 1/sqrt(products)) or loosen the tolerance.",
         ConvergenceWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 
