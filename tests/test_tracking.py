@@ -358,3 +358,34 @@ def test_cuda_tracking_matches_cpu_and_keeps_the_cuda_rng(problem, tmp_path):
     assert on_copy.hessian.device.type == "cuda"
     np.testing.assert_allclose(on_copy.step(0).eigenvalues, cpu.eigenvalues, rtol=1e-8)
     assert all(p.device.type == "cpu" for p in cpu_model.parameters())
+
+
+class _WrappedLikeDDP(nn.parallel.DistributedDataParallel):
+    """A DistributedDataParallel in type only (no process group needed): names get the ``module.`` prefix."""
+
+    def __init__(self, module):
+        nn.Module.__init__(self)
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_preconditioned_sharpness_of_a_ddp_wrapped_model(problem):
+    """The operator unwraps DDP (names without ``module.``); the optimizer state must still be found."""
+    model, loader, x, y = problem
+    wrapped = _WrappedLikeDDP(model)
+    assert next(iter(dict(wrapped.named_parameters()))).startswith("module.")
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-2)
+    tracker = SharpnessTracker(wrapped, loader, F.cross_entropy, preconditioner=optimizer, tol=TOL,
+                               builtin_extras=())
+    assert tracker.step(0) is None
+    optimizer.zero_grad()
+    F.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+    record = tracker.step(1)
+    scale = torch.diag(adam_preconditioner(optimizer).rsqrt())
+    exact = np.linalg.eigvalsh((scale @ dense_loss_hessian(model, F.cross_entropy, x, y) @ scale).numpy())[-1]
+    assert record.eigenvalues[0] == pytest.approx(exact, rel=TOL)
+    with pytest.raises(ValueError, match="does not optimise"):
+        SharpnessTracker(wrapped, loader, F.cross_entropy, preconditioner=torch.optim.Adam(nn.Linear(2, 2).parameters()))

@@ -135,8 +135,8 @@ class SharpnessTracker:
         self.num_eigenthings = check_num_eigenthings(num_eigenthings, self.hessian.size)
         if isinstance(preconditioner, torch.optim.Optimizer):
             optimised = {id(p) for group in preconditioner.param_groups for p in group["params"]}
-            by_name = dict(model.named_parameters())
-            missing = [name for name in self.hessian.param_names if id(by_name[name]) not in optimised]
+            missing = [name for name, p in zip(self.hessian.param_names, self._tracked_parameters())
+                       if id(p) not in optimised]
             if missing:
                 raise ValueError(
                     f"preconditioner: the optimizer does not optimise {', '.join(missing[:5])}"
@@ -260,14 +260,23 @@ class SharpnessTracker:
         if callable(self.preconditioner) and not isinstance(self.preconditioner, torch.optim.Optimizer):
             diagonal = self.preconditioner()
         else:
-            by_name = dict(self.model.named_parameters())
-            params = [by_name[name] for name in self.hessian.param_names]
+            params = self._tracked_parameters()
             if any(p not in self.preconditioner.state or "step" not in self.preconditioner.state[p] for p in params):
                 logger.info("SharpnessTracker: the optimizer has not taken a step yet, so there is no "
                             "preconditioner; this step is not recorded.")
                 return None
             diagonal = adam_preconditioner(self.preconditioner, params)
         return PreconditionedOperator(self.hessian, diagonal)
+
+    def _tracked_parameters(self) -> list[Tensor]:
+        """The user's parameter tensors behind the operator's flat layout (those the optimizer holds).
+
+        Looked up by name in the operator's own model, which is the user's module with a
+        DistributedDataParallel wrapper taken off (its names have no ``module.`` prefix); the
+        operator's ``_params`` may belong to a device copy, which no optimizer knows.
+        """
+        by_name = dict(self.hessian.model.named_parameters())
+        return [by_name[name] for name in self.hessian.param_names]
 
     def _resume(self, log: TrackingLog) -> None:
         if not log.resumed:
