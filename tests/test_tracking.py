@@ -389,3 +389,31 @@ def test_preconditioned_sharpness_of_a_ddp_wrapped_model(problem):
     assert record.eigenvalues[0] == pytest.approx(exact, rel=TOL)
     with pytest.raises(ValueError, match="does not optimise"):
         SharpnessTracker(wrapped, loader, F.cross_entropy, preconditioner=torch.optim.Adam(nn.Linear(2, 2).parameters()))
+
+
+def test_builtin_trace_extra_matches_the_dense_trace(problem, tmp_path):
+    model, loader, x, y = problem
+    path = tmp_path / "trace.csv"
+    tracker = SharpnessTracker(model, loader, F.cross_entropy, builtin_extras=("trace", "loss"), trace_products=90,
+                               log_path=path)
+    for step in range(2):
+        record = tracker.step(step)
+        exact = float(dense_loss_hessian(model, F.cross_entropy, x, y).trace())
+        assert set(record.extras) == {"loss", "trace", "trace_std_error"}
+        assert 0 < record.extras["trace_std_error"] < 0.2 * abs(exact)
+        assert abs(record.extras["trace"] - exact) < 4 * record.extras["trace_std_error"]
+        gd_step(model, x, y)
+    assert [r.extras["trace"] for r in read_log(path)] == [r.extras["trace"] for r in tracker.records]
+    # it is the trace of H, not of the preconditioned operator, and the run's RNG is untouched
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    state = torch.get_rng_state()
+    record = SharpnessTracker(model, loader, F.cross_entropy, builtin_extras=("trace",), trace_products=90,
+                              preconditioner=optimizer).step(0)
+    assert torch.equal(torch.get_rng_state(), state)
+    exact = float(dense_loss_hessian(model, F.cross_entropy, x, y).trace())
+    assert abs(record.extras["trace"] - exact) < 4 * record.extras["trace_std_error"]
+    with pytest.raises(ValueError, match="trace_products"):
+        SharpnessTracker(model, loader, F.cross_entropy, builtin_extras=("trace",), trace_products=0)
