@@ -177,6 +177,26 @@ def test_plot_writes_a_log_scale_png(hessian_like, tmp_path):
     plt.close(fig)
 
 
+def test_plots_leave_pyplot_alone(hessian_like, tmp_path):
+    """Figures are plain matplotlib Figures: no pyplot window list grows, however many are drawn."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from hessian_eigenthings import SharpnessRecord, plot_log
+
+    a, _ = hessian_like
+    d = spectral_density(a, num_probes=1, num_steps=10, verbose=False)
+    records = [SharpnessRecord(step=s, eigenvalues=[1.0], residuals=[0.0], converged=[True], products=1,
+                               seconds=0.0, warm=False, which="LA") for s in range(3)]
+    before = plt.get_fignums()
+    for i in range(3):
+        fig = d.plot(tmp_path / f"d{i}.png")
+        assert fig.axes[0].get_yscale() == "log"
+        plot_log(records, tmp_path / f"t{i}.png")
+    assert plt.get_fignums() == before
+    assert all((tmp_path / f"{kind}{i}.png").stat().st_size > 1000 for kind in "dt" for i in range(3))
+
+
 def test_plot_without_matplotlib_says_how_to_install(hessian_like, monkeypatch):
     a, _ = hessian_like
     d = spectral_density(a, num_probes=1, num_steps=5, verbose=False)
