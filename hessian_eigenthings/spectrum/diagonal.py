@@ -23,7 +23,7 @@ from torch import Tensor
 from ..operators.base import Operator, as_operator
 from ..solvers.result import ConvergenceWarning
 from ..utils import check_positive_int, logger, progress
-from .probes import check_distribution, draw_probes, probe_generator
+from .probes import check_deterministic, check_distribution, draw_probes, probe_generator, unit_blocks
 from .trace import _check_stopping
 
 
@@ -165,20 +165,12 @@ def exact_diagonal(
     """
     op = as_operator(operator)
     block_size = check_positive_int(block_size, "block_size")
-    if op.is_stochastic:
-        raise ValueError(
-            "exact_diagonal needs a deterministic operator, but this one uses a different mini-batch for "
-            "every product; build it with full_dataset=True."
-        )
+    check_deterministic(op, "exact_diagonal")
     n = op.size
     first = op.num_products
     diag = torch.empty(n, dtype=op.dtype, device=op.device)
     with progress(total=n, desc="exact diagonal", verbose=verbose) as bar:
-        for start in range(0, n, block_size):
-            stop = min(start + block_size, n)
-            units = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
-            idx = torch.arange(start, stop, device=op.device)
-            units[idx, idx - start] = 1
-            diag[start:stop] = op.apply_block(units)[idx, idx - start]
+        for start, stop, units in unit_blocks(op, block_size):
+            diag[start:stop] = op.apply_block(units)[start:stop].diagonal()
             bar.update(stop - start)
     return DiagonalEstimate(diag, torch.zeros_like(diag), op.num_products - first, n, "exact")
