@@ -15,14 +15,6 @@ from helpers import assert_model_unchanged, batches, classification_data, dense_
 F = nn.functional
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hessian_like():
     """n=400: a bulk of 396 eigenvalues in [-0.2, 1] and four outliers 5, 8, 12, 20 (trace 203.4)."""

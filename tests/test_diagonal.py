@@ -21,14 +21,6 @@ F = nn.functional
 SEEDS = list(range(100))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def matrix():
     a, _, _ = planted_matrix(list(np.linspace(-2.0, 4.0, 60)), seed=5)

@@ -27,15 +27,6 @@ from helpers import assert_model_unchanged, batches, classification_data, dense_
 F = nn.functional
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny products: thread hand-off would dominate on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dense(op):
     return dense_matrix(op, verbose=False)
 

@@ -28,15 +28,6 @@ F = nn.functional
 SEEDS = list(range(200))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of tiny products: thread hand-off would dominate on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def indefinite():
     """A 100 x 100 symmetric matrix with eigenvalues from -3 to 1 (trace -100)."""

@@ -18,15 +18,6 @@ F = nn.functional
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small products run fastest on one thread, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def problem():
     """A float64 MLP with 196 parameters, 96 samples in two uneven batches."""
