@@ -1,7 +1,11 @@
 """Stochastic Lanczos quadrature against planted spectra and exact model Hessians."""
 
 import logging
+import math
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +211,29 @@ def test_density_on_cuda_matches_cpu(hessian_like):
     gpu = spectral_density(a.cuda(), 3, 30, seed=5, verbose=False)
     assert np.allclose(cpu.ritz_values, gpu.ritz_values, atol=1e-8)
     assert np.allclose(cpu.density, gpu.density, atol=1e-8 * cpu.density.max())
+
+
+def test_example_spectrum_script_prints_consistent_numbers_and_saves_the_plot(tmp_path):
+    """example/spectrum.py end to end (small settings): the top eigenvalue, the Hutch++ trace and the SLQ
+    density agree with each other, and the PNG is written."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    script = Path(__file__).resolve().parents[1] / "example" / "spectrum.py"
+    out = tmp_path / "density.png"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--epochs", "2", "--k", "3", "--probes", "4", "--steps", "30",
+         "--trace-products", "60", "--width", "16", "--ggn", "--quiet", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    number = r"(-?\d+\.\d+)"
+    top = float(re.search(r"Top 3 Hessian eigenvalues .*\n\s+0\s+" + number, text).group(1))
+    trace, trace_se = map(float, re.search(r"Hessian trace \(Hutch\+\+.*: " + number + r" \+- " + number, text).groups())
+    implied, implied_se = map(float, re.search(r"implied trace " + number + r" \+- " + number, text).groups())
+    ritz_max = float(re.search(r"largest Ritz value " + number, text).group(1))
+    assert float(re.search(r"integral " + number, text).group(1)) == pytest.approx(1.0, abs=1e-6)
+    assert ritz_max == pytest.approx(top, rel=1e-4)
+    assert abs(trace - implied) < 4 * math.hypot(trace_se, implied_se)
+    assert "GGN density" in text
+    assert out.stat().st_size > 5000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
