@@ -166,6 +166,7 @@ class SharpnessTracker:
 
     @property
     def last_record(self) -> Optional[SharpnessRecord]:
+        """The newest :class:`SharpnessRecord` (also one read back from a resumed log), or None."""
         return self.records[-1] if self.records else None
 
     def due(self, step: int) -> bool:
