@@ -154,6 +154,8 @@ def test_model_density_extremes_match_the_dense_hessian(tiny_problem, caplog):
         spectral_density(HVPOperator(model, loader, F.cross_entropy, use_gpu=False, full_dataset=False), 1, 3,
                          verbose=False)
     assert "full_dataset=True" in caplog.text
+    with pytest.raises(TypeError, match="always uses the whole dataset"):
+        hessian_density(model, loader, F.cross_entropy, full_dataset=False, use_gpu=False)
 
 
 def test_plot_writes_a_log_scale_png(hessian_like, tmp_path):

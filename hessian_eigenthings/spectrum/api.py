@@ -128,6 +128,11 @@ def hessian_density(
     Returns:
         A :class:`SpectralDensity`; ``.plot(path)`` draws it.
     """
+    if "full_dataset" in kwargs:
+        raise TypeError(
+            "hessian_density always uses the whole dataset (Lanczos needs the same operator at every step), so "
+            "it takes no full_dataset argument; pass a smaller dataloader to use less data."
+        )
     op_kwargs, est_kwargs = _split_kwargs("hessian_density", spectral_density, curvature, kwargs)
     op = curvature_operator(model, dataloader, loss, curvature, True, use_gpu, fp16,
                             max_possible_gpu_samples, **op_kwargs)
