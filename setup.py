@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.22", "scipy>=1.9", "tqdm>=4.60"],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn>=1.0"],
+        "test": ["pytest>=7", "scikit-learn>=1.0", "matplotlib>=3.5"],
         "examples": ["scikit-learn>=1.0", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
     },

@@ -110,3 +110,25 @@ def assert_model_unchanged(model: nn.Module, before: dict) -> None:
             assert after["grads"][name] is None
         else:
             assert torch.equal(after["grads"][name], value), f"grad {name} changed"
+
+
+def mini_batch_like(matrix: Tensor, shift_sd: float, seed: int):
+    """A stochastic operator like a mini-batch Hessian: every (block) product is with ``matrix + c I``
+    for a fresh ``c ~ N(0, shift_sd^2)`` shared by the block's columns; its expectation is ``matrix``."""
+    from hessian_eigenthings.operators.base import Operator
+
+    class MiniBatchLike(Operator):
+        is_stochastic = True
+
+        def __init__(self) -> None:
+            super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+            self.gen = torch.Generator().manual_seed(seed)
+
+        def _matvec(self, vec: Tensor) -> Tensor:
+            return self._matmat(vec.unsqueeze(1)).squeeze(1)
+
+        def _matmat(self, mat: Tensor) -> Tensor:
+            shift = float(torch.randn((), generator=self.gen, dtype=torch.float64)) * shift_sd
+            return matrix @ mat + shift * mat
+
+    return MiniBatchLike()

@@ -30,15 +30,6 @@ from helpers import (
 F = nn.functional
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny products: thread hand-off would dominate on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()

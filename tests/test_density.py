@@ -1,7 +1,11 @@
 """Stochastic Lanczos quadrature against planted spectra and exact model Hessians."""
 
 import logging
+import math
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +17,6 @@ from hessian_eigenthings.spectrum.density import gaussian_mixture
 from helpers import assert_model_unchanged, batches, classification_data, dense_loss_hessian, model_snapshot, planted_matrix
 
 F = nn.functional
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +154,8 @@ def test_model_density_extremes_match_the_dense_hessian(tiny_problem, caplog):
         spectral_density(HVPOperator(model, loader, F.cross_entropy, use_gpu=False, full_dataset=False), 1, 3,
                          verbose=False)
     assert "full_dataset=True" in caplog.text
+    with pytest.raises(TypeError, match="always uses the whole dataset"):
+        hessian_density(model, loader, F.cross_entropy, full_dataset=False, use_gpu=False)
 
 
 def test_plot_writes_a_log_scale_png(hessian_like, tmp_path):
@@ -175,6 +173,26 @@ def test_plot_writes_a_log_scale_png(hessian_like, tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_plots_leave_pyplot_alone(hessian_like, tmp_path):
+    """Figures are plain matplotlib Figures: no pyplot window list grows, however many are drawn."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from hessian_eigenthings import SharpnessRecord, plot_log
+
+    a, _ = hessian_like
+    d = spectral_density(a, num_probes=1, num_steps=10, verbose=False)
+    records = [SharpnessRecord(step=s, eigenvalues=[1.0], residuals=[0.0], converged=[True], products=1,
+                               seconds=0.0, warm=False, which="LA") for s in range(3)]
+    before = plt.get_fignums()
+    for i in range(3):
+        fig = d.plot(tmp_path / f"d{i}.png")
+        assert fig.axes[0].get_yscale() == "log"
+        plot_log(records, tmp_path / f"t{i}.png")
+    assert plt.get_fignums() == before
+    assert all((tmp_path / f"{kind}{i}.png").stat().st_size > 1000 for kind in "dt" for i in range(3))
 
 
 def test_plot_without_matplotlib_says_how_to_install(hessian_like, monkeypatch):
@@ -195,3 +213,29 @@ def test_density_on_cuda_matches_cpu(hessian_like):
     gpu = spectral_density(a.cuda(), 3, 30, seed=5, verbose=False)
     assert np.allclose(cpu.ritz_values, gpu.ritz_values, atol=1e-8)
     assert np.allclose(cpu.density, gpu.density, atol=1e-8 * cpu.density.max())
+
+
+def test_example_spectrum_script_prints_consistent_numbers_and_saves_the_plot(tmp_path):
+    """example/spectrum.py end to end (small settings): the top eigenvalue, the Hutch++ trace and the SLQ
+    density agree with each other, and the PNG is written."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    script = Path(__file__).resolve().parents[1] / "example" / "spectrum.py"
+    out = tmp_path / "density.png"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--epochs", "2", "--k", "3", "--probes", "4", "--steps", "30",
+         "--trace-products", "60", "--width", "16", "--ggn", "--quiet", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    number = r"(-?\d+\.\d+)"
+    top = float(re.search(r"Top 3 Hessian eigenvalues .*\n\s+0\s+" + number, text).group(1))
+    trace, trace_se = map(float, re.search(r"Hessian trace \(Hutch\+\+.*: " + number + r" \+- " + number, text).groups())
+    implied, implied_se = map(float, re.search(r"implied trace " + number + r" \+- " + number, text).groups())
+    ritz_max = float(re.search(r"largest Ritz value " + number, text).group(1))
+    assert float(re.search(r"integral " + number, text).group(1)) == pytest.approx(1.0, abs=1e-6)
+    assert ritz_max == pytest.approx(top, rel=1e-4)
+    assert abs(trace - implied) < 4 * math.hypot(trace_se, implied_se)
+    assert "GGN density" in text
+    assert out.stat().st_size > 5000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

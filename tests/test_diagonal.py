@@ -15,18 +15,18 @@ from hessian_eigenthings import (
     hessian_diagonal,
     hutchinson_diagonal,
 )
-from helpers import assert_model_unchanged, batches, classification_data, dense_loss_hessian, model_snapshot, planted_matrix
+from helpers import (
+    assert_model_unchanged,
+    batches,
+    classification_data,
+    dense_loss_hessian,
+    mini_batch_like,
+    model_snapshot,
+    planted_matrix,
+)
 
 F = nn.functional
 SEEDS = list(range(100))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,28 @@ def test_block_diagonal_of_a_layer_and_of_the_ggn(tiny_problem):
         hessian_diagonal(model, loader, F.cross_entropy, exact=True, full_dataset=False, use_gpu=False)
     with pytest.raises(ValueError, match="full_dataset=True"):
         exact_diagonal(HVPOperator(model, loader, F.cross_entropy, use_gpu=False, full_dataset=False))
+
+
+def test_standard_errors_on_a_stochastic_operator_include_the_mini_batch_noise(matrix):
+    """The mini-batch shift c I moves every diagonal entry of a block together: per-entry errors must
+    come from the spread between blocks, not from the 16 probes of one block."""
+    truth = matrix.diagonal()
+    errs, ses = [], []
+    for seed in SEEDS:
+        r = hutchinson_diagonal(mini_batch_like(matrix, 0.5, 2000 + seed), max_products=320, block_size=16,
+                                seed=seed, verbose=False)
+        assert r.info["clustered"]
+        errs.append(r.diagonal - truth)
+        ses.append(r.std_error)
+    errs, ses = torch.stack(errs), torch.stack(ses)
+    rms = errs.pow(2).mean(dim=0).sqrt()
+    assert float((ses.mean(dim=0) / rms).mean()) == pytest.approx(1.0, abs=0.1)
+    coverage = float((errs.abs() <= 1.96 * ses).double().mean())
+    assert 0.89 <= coverage <= 0.98  # 20 blocks: Student's t with 19 df covers 93.6%
+    # blocks of one probe: the clustered errors are the ordinary ones
+    one = hutchinson_diagonal(mini_batch_like(matrix, 0.0, 0), max_products=30, block_size=1, seed=4, verbose=False)
+    plain = hutchinson_diagonal(matrix, max_products=30, block_size=1, seed=4, verbose=False)
+    assert torch.allclose(one.diagonal, plain.diagonal, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(one.std_error, plain.std_error, rtol=1e-9, atol=1e-14)
+    single = hutchinson_diagonal(mini_batch_like(matrix, 0.5, 0), max_products=16, block_size=16, verbose=False)
+    assert torch.all(torch.isinf(single.std_error))

@@ -27,15 +27,6 @@ from helpers import assert_model_unchanged, batches, classification_data, dense_
 F = nn.functional
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny products: thread hand-off would dominate on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dense(op):
     return dense_matrix(op, verbose=False)
 
@@ -287,3 +278,42 @@ def test_ggn_and_fisher_on_cuda_match_cpu():
         gpu_op = cls(model, [(x, y)], F.cross_entropy, use_gpu=True)
         assert gpu_op.device.type == "cuda"
         assert torch.allclose(gpu_op.apply(v.cuda()).cpu(), cpu, rtol=1e-10, atol=1e-12)
+
+
+def recording_cross_entropy(seen, device_type):
+    """cross_entropy that notes the autocast state it runs under (the products' arithmetic precision)."""
+
+    def criterion(outputs, targets):
+        enabled = torch.is_autocast_enabled(device_type)
+        seen.add(torch.get_autocast_dtype(device_type) if enabled else None)
+        return F.cross_entropy(outputs.double(), targets)
+
+    return criterion
+
+
+def check_precision_modes(device):
+    """Each precision mode runs the GGN and Fisher products under that mode's autocast dtype, as
+    HVPOperator does (bf16 is bfloat16 on every device; fp16 is float16 on CUDA, bfloat16 on the CPU)."""
+    model = tiny_mlp(16).float().to(device)
+    x, y = classification_data(num=12, din=4, classes=3, seed=16)
+    loader = [(x.float().to(device), y.to(device))]
+    expected = {"exact": None, "bf16": torch.bfloat16,
+                "fp16": torch.float16 if device.type == "cuda" else torch.bfloat16}
+    for cls in (GGNOperator, EmpiricalFisherOperator):
+        for precision, dtype in expected.items():
+            seen = set()
+            op = cls(model, loader, recording_cross_entropy(seen, device.type), use_gpu=device.type == "cuda",
+                     precision=precision)
+            op.apply(torch.ones(op.size, device=device))
+            assert seen == {dtype}, (cls.__name__, precision, seen)
+
+
+def test_precision_modes_of_ggn_and_fisher_products():
+    check_precision_modes(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_precision_modes_of_ggn_and_fisher_products_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    check_precision_modes(torch.device("cuda"))

@@ -11,15 +11,6 @@ from helpers import classification_data, dense_loss_hessian, planted_matrix, sma
 F = torch.nn.functional
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small products run fastest on one thread, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def positive_diagonal(n, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, generator=gen, dtype=torch.float64) * 4 + 0.25

@@ -18,15 +18,6 @@ F = nn.functional
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small products run fastest on one thread, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def problem():
     """A float64 MLP with 196 parameters, 96 samples in two uneven batches."""
@@ -358,3 +349,62 @@ def test_cuda_tracking_matches_cpu_and_keeps_the_cuda_rng(problem, tmp_path):
     assert on_copy.hessian.device.type == "cuda"
     np.testing.assert_allclose(on_copy.step(0).eigenvalues, cpu.eigenvalues, rtol=1e-8)
     assert all(p.device.type == "cpu" for p in cpu_model.parameters())
+
+
+class _WrappedLikeDDP(nn.parallel.DistributedDataParallel):
+    """A DistributedDataParallel in type only (no process group needed): names get the ``module.`` prefix."""
+
+    def __init__(self, module):
+        nn.Module.__init__(self)
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_preconditioned_sharpness_of_a_ddp_wrapped_model(problem):
+    """The operator unwraps DDP (names without ``module.``); the optimizer state must still be found."""
+    model, loader, x, y = problem
+    wrapped = _WrappedLikeDDP(model)
+    assert next(iter(dict(wrapped.named_parameters()))).startswith("module.")
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-2)
+    tracker = SharpnessTracker(wrapped, loader, F.cross_entropy, preconditioner=optimizer, tol=TOL,
+                               builtin_extras=())
+    assert tracker.step(0) is None
+    optimizer.zero_grad()
+    F.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+    record = tracker.step(1)
+    scale = torch.diag(adam_preconditioner(optimizer).rsqrt())
+    exact = np.linalg.eigvalsh((scale @ dense_loss_hessian(model, F.cross_entropy, x, y) @ scale).numpy())[-1]
+    assert record.eigenvalues[0] == pytest.approx(exact, rel=TOL)
+    with pytest.raises(ValueError, match="does not optimise"):
+        SharpnessTracker(wrapped, loader, F.cross_entropy, preconditioner=torch.optim.Adam(nn.Linear(2, 2).parameters()))
+
+
+def test_builtin_trace_extra_matches_the_dense_trace(problem, tmp_path):
+    model, loader, x, y = problem
+    path = tmp_path / "trace.csv"
+    tracker = SharpnessTracker(model, loader, F.cross_entropy, builtin_extras=("trace", "loss"), trace_products=90,
+                               log_path=path)
+    for step in range(2):
+        record = tracker.step(step)
+        exact = float(dense_loss_hessian(model, F.cross_entropy, x, y).trace())
+        assert set(record.extras) == {"loss", "trace", "trace_std_error"}
+        assert 0 < record.extras["trace_std_error"] < 0.2 * abs(exact)
+        assert abs(record.extras["trace"] - exact) < 4 * record.extras["trace_std_error"]
+        gd_step(model, x, y)
+    assert [r.extras["trace"] for r in read_log(path)] == [r.extras["trace"] for r in tracker.records]
+    # it is the trace of H, not of the preconditioned operator, and the run's RNG is untouched
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    state = torch.get_rng_state()
+    record = SharpnessTracker(model, loader, F.cross_entropy, builtin_extras=("trace",), trace_products=90,
+                              preconditioner=optimizer).step(0)
+    assert torch.equal(torch.get_rng_state(), state)
+    exact = float(dense_loss_hessian(model, F.cross_entropy, x, y).trace())
+    assert abs(record.extras["trace"] - exact) < 4 * record.extras["trace_std_error"]
+    with pytest.raises(ValueError, match="trace_products"):
+        SharpnessTracker(model, loader, F.cross_entropy, builtin_extras=("trace",), trace_products=0)

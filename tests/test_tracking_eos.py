@@ -21,14 +21,6 @@ from hessian_eigenthings import SharpnessTracker
 BAND, MEAN_BAND = (0.85, 1.15), (0.9, 1.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def half_squared_error(outputs, targets):
     return 0.5 * (outputs - targets).pow(2).sum(dim=1).mean()
 

@@ -12,14 +12,6 @@ F = torch.nn.functional
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gd(model, x, y, lr, steps):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(steps):

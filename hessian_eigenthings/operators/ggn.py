@@ -17,7 +17,6 @@ solver and estimator of the package works on them.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 from ..data import call_model, num_samples, slice_samples
 from ..utils import logger
 from .model_operator import ModelOperator
+from .precision import autocast_context
 
 
 def _float_leaves(out: Any) -> list[Tensor]:
@@ -40,17 +40,7 @@ def _float_leaves(out: Any) -> list[Tensor]:
     return []
 
 
-class _AutocastMixin:
-    fp16: bool
-    device: torch.device
-
-    def _autocast(self) -> Any:
-        if not self.fp16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16)
-
-
-class GGNOperator(_AutocastMixin, ModelOperator):
+class GGNOperator(ModelOperator):
     """The generalized Gauss-Newton matrix ``J^T H_out J`` of ``criterion(model(inputs), targets)``.
 
     Exact: ``G v`` is computed as ``J^T (H_out (J v))`` with a Jacobian-vector product (the
@@ -68,7 +58,7 @@ class GGNOperator(_AutocastMixin, ModelOperator):
         self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
     ) -> tuple[Tensor, Tensor]:
         """Mean loss of one micro-batch and its GGN times every column, shape (n, b)."""
-        with self._autocast():
+        with autocast_context(self.precision, self.device):
             outputs = call_model(self._work_model, inputs)
             loss = self.criterion(outputs, targets)
         self._check_loss(loss, label)
@@ -151,7 +141,7 @@ class GGNOperator(_AutocastMixin, ModelOperator):
 PER_SAMPLE_MODES = ("auto", "vmap", "loop")
 
 
-class EmpiricalFisherOperator(_AutocastMixin, ModelOperator):
+class EmpiricalFisherOperator(ModelOperator):
     """The empirical Fisher ``mean_i g_i g_i^T``, ``g_i`` the gradient of sample i's loss.
 
     Sample i's loss is ``criterion`` evaluated on that sample alone (a batch of one), which for a
@@ -223,7 +213,7 @@ class EmpiricalFisherOperator(_AutocastMixin, ModelOperator):
             return loss, loss.detach()
 
         randomness = "error" if self.eval_mode else "different"
-        with self._autocast():
+        with autocast_context(self.precision, self.device):
             per_grads, losses = vmap(grad(one_loss, has_aux=True), in_dims=(None, 0, 0), randomness=randomness)(
                 chosen, inputs, targets
             )

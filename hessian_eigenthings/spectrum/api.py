@@ -9,7 +9,7 @@ the Fisher) or to the estimator, and an unknown one is a TypeError that lists bo
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
@@ -67,7 +67,7 @@ def hessian_trace(
     model: nn.Module,
     dataloader: Any,
     loss: Callable[[Any, Any], Tensor],
-    method: str = "hutch++",
+    method: Optional[str] = None,
     full_dataset: bool = True,
     use_gpu: bool = True,
     fp16: bool = False,
@@ -79,9 +79,10 @@ def hessian_trace(
 
     Args:
         model, dataloader, loss, full_dataset, use_gpu, fp16, max_possible_gpu_samples: as in
-            :func:`compute_hessian_eigenthings`. With ``full_dataset=False`` every product uses
-            the next mini-batch, and the estimate is of the expected mini-batch Hessian.
-        method: "hutch++" (default) or "hutchinson".
+            :func:`compute_hessian_eigenthings`. With ``full_dataset=False`` every (block) product
+            uses the next mini-batch, and the estimate is of the expected mini-batch Hessian.
+        method: "hutch++" or "hutchinson". Default: "hutch++" on the full dataset, "hutchinson"
+            with ``full_dataset=False`` (Hutch++ needs a deterministic operator).
         curvature: "hessian" (default), "ggn" or "fisher".
         **kwargs: to the operator (``params``, ``eval_mode``, ``device``, ``check_finite``) or to
             the estimator (``max_products``, ``tol``, ``rtol``, ``distribution``, ``seed``,
@@ -90,6 +91,8 @@ def hessian_trace(
     Returns:
         A :class:`TraceEstimate` (``.estimate``, ``.std_error``, ``.num_products``).
     """
+    if method is None:
+        method = "hutch++" if full_dataset else "hutchinson"
     if method not in TRACE_METHODS:
         raise ValueError(f"method={method!r} is not known; choose one of {', '.join(map(repr, TRACE_METHODS))}.")
     estimator = TRACE_METHODS[method]
@@ -125,6 +128,11 @@ def hessian_density(
     Returns:
         A :class:`SpectralDensity`; ``.plot(path)`` draws it.
     """
+    if "full_dataset" in kwargs:
+        raise TypeError(
+            "hessian_density always uses the whole dataset (Lanczos needs the same operator at every step), so "
+            "it takes no full_dataset argument; pass a smaller dataloader to use less data."
+        )
     op_kwargs, est_kwargs = _split_kwargs("hessian_density", spectral_density, curvature, kwargs)
     op = curvature_operator(model, dataloader, loss, curvature, True, use_gpu, fp16,
                             max_possible_gpu_samples, **op_kwargs)

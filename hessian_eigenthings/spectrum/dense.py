@@ -28,6 +28,7 @@ from ..operators.base import Operator, as_operator
 from ..operators.hvp import HVPOperator
 from ..solvers.result import EigenResult, order_by_which
 from ..utils import check_positive_int, check_which, logger, progress
+from .probes import check_deterministic, unit_blocks
 
 DEFAULT_MAX_MEMORY = 2 * 1024**3  # bytes
 
@@ -76,20 +77,12 @@ def dense_matrix(
     """
     op = as_operator(operator)
     block_size = check_positive_int(block_size, "block_size")
-    if op.is_stochastic:
-        raise ValueError(
-            "dense_matrix needs a deterministic operator, but this one uses a different mini-batch for every "
-            "product; build it with full_dataset=True."
-        )
+    check_deterministic(op, "dense_matrix")
     n = op.size
     check_dense_memory(n * n, op.dtype, max_memory_bytes, f"The dense {n} x {n} matrix")
     out = torch.empty(n, n, dtype=op.dtype, device=op.device)
     with progress(total=n, desc="dense matrix", verbose=verbose) as bar:
-        for start in range(0, n, block_size):
-            stop = min(start + block_size, n)
-            units = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
-            idx = torch.arange(start, stop, device=op.device)
-            units[idx, idx - start] = 1
+        for start, stop, units in unit_blocks(op, block_size):
             out[:, start:stop] = op.apply_block(units)
             bar.update(stop - start)
     return out

@@ -62,6 +62,7 @@ class SpectralDensity:
 
     @property
     def num_probes(self) -> int:
+        """P, the number of start vectors (rows of ``ritz_values``)."""
         return int(self.ritz_values.shape[0])
 
     @property

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..operators.base import Operator, as_operator
 from ..solvers.result import ConvergenceWarning
 from ..utils import check_positive_int, logger, progress, user_stacklevel
-from .probes import check_distribution, draw_probes, probe_generator
+from .probes import check_deterministic, check_distribution, draw_probes, probe_generator, unit_blocks
 from .trace import _check_stopping
 
 
@@ -71,7 +71,9 @@ def hutchinson_diagonal(
     """Stochastic estimate of the diagonal of a symmetric operator, with per-entry standard errors.
 
     Args:
-        operator: an :class:`Operator` or a dense symmetric matrix.
+        operator: an :class:`Operator` or a dense symmetric matrix. A stochastic one
+            (``full_dataset=False``) is allowed: the estimate is of the expected mini-batch matrix,
+            and the standard errors come from the spread between block products (mini-batches).
         max_products: the budget: at most this many probes (one product each). Without ``tol``
             and ``rtol`` exactly this many are used.
         tol: stop once every entry's standard error is at most ``tol`` (absolute).
@@ -92,37 +94,28 @@ def hutchinson_diagonal(
     adaptive = tol is not None or rtol is not None
     gen = probe_generator(seed)
     first = op.num_products
-    # Running mean and sum of squared deviations (Chan et al.'s block update) in float64, which
-    # avoids the cancellation of sum-of-squares formulas when entries are large.
     stat_dtype = torch.float64 if op.device.type != "mps" else torch.float32
-    mean = torch.zeros(op.size, dtype=stat_dtype, device=op.device)
-    m2 = torch.zeros_like(mean)
-    count = 0
+    moments = _BlockMoments(op.size, stat_dtype, op.device, clustered=op.is_stochastic)
     met = not adaptive
     with progress(total=max_products, desc="diagonal (Hutchinson)", verbose=verbose) as bar:
-        while count < max_products:
-            b = min(block_size, max_products - count)
+        while moments.count < max_products:
+            b = min(block_size, max_products - moments.count)
             probes = draw_probes(op, b, distribution, gen)
-            values = (probes * op.apply_block(probes)).to(stat_dtype)
-            block_mean = values.mean(dim=1)
-            block_m2 = ((values - block_mean.unsqueeze(1)) ** 2).sum(dim=1)
-            delta = block_mean - mean
-            total = count + b
-            mean += delta * (b / total)
-            m2 += block_m2 + delta**2 * (count * b / total)
-            count = total
+            moments.add((probes * op.apply_block(probes)).to(stat_dtype))
             bar.update(b)
-            if adaptive and count >= min_probes:
-                se = _std_error(m2, count)
+            if adaptive and moments.count >= min_probes:
+                se = moments.std_error()
                 ok_abs = tol is not None and bool(se.max() <= tol)
-                ok_rel = rtol is not None and bool(torch.linalg.vector_norm(se) <= rtol * torch.linalg.vector_norm(mean))
+                ok_rel = rtol is not None and bool(
+                    torch.linalg.vector_norm(se) <= rtol * torch.linalg.vector_norm(moments.mean)
+                )
                 if ok_abs or ok_rel:
                     met = True
                     break
-    se = _std_error(m2, count)
+    mean, se, count = moments.mean, moments.std_error(), moments.count
     result = DiagonalEstimate(
         mean.to(op.dtype), se.to(op.dtype), op.num_products - first, count, "hutchinson", met,
-        info={"distribution": distribution},
+        info={"distribution": distribution, "clustered": op.is_stochastic},
     )
     if not met:
         warnings.warn(
@@ -138,10 +131,57 @@ def hutchinson_diagonal(
     return result
 
 
-def _std_error(m2: Tensor, count: int) -> Tensor:
-    if count < 2:
-        return torch.full_like(m2, math.inf)
-    return torch.sqrt(m2 / (count - 1) / count)
+class _BlockMoments:
+    """Running per-entry mean and standard error of samples that arrive as (n, b) blocks, in float64.
+
+    Independent samples: mean and sum of squared deviations by Chan et al.'s block update (no
+    cancellation of sum-of-squares formulas when entries are large). ``clustered``: each block came
+    from one product of a stochastic operator (one mini-batch shared by its probes), so the error is
+    the cluster-robust one over blocks, ``sqrt(B / (B - 1) * sum_b m_b^2 (mean_b - mean)^2) / N``,
+    accumulated around the first block's mean for the same reason.
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, clustered: bool) -> None:
+        self.clustered = clustered
+        self.mean = torch.zeros(n, dtype=dtype, device=device)
+        self.m2 = torch.zeros_like(self.mean)
+        self.count = 0
+        self.blocks = 0
+        # clustered: with d_b = mean_b - shift, the sums of m_b^2 d_b, m_b^2 d_b^2 and m_b^2
+        self.shift: Optional[Tensor] = None
+        self.w2_d = torch.zeros_like(self.mean)
+        self.w2_d2 = torch.zeros_like(self.mean)
+        self.w2 = 0.0
+
+    def add(self, values: Tensor) -> None:
+        """Take in a block of samples, (n, b)."""
+        b = values.shape[1]
+        block_mean = values.mean(dim=1)
+        delta = block_mean - self.mean
+        total = self.count + b
+        self.mean += delta * (b / total)
+        self.m2 += ((values - block_mean.unsqueeze(1)) ** 2).sum(dim=1) + delta**2 * (self.count * b / total)
+        self.count = total
+        self.blocks += 1
+        if self.clustered:
+            if self.shift is None:
+                self.shift = block_mean.clone()
+            d = block_mean - self.shift
+            self.w2_d += b * b * d
+            self.w2_d2 += b * b * d * d
+            self.w2 += b * b
+
+    def std_error(self) -> Tensor:
+        """(n,) standard errors of the entries of ``mean``; inf below two samples (two blocks when clustered)."""
+        if not self.clustered:
+            if self.count < 2:
+                return torch.full_like(self.m2, math.inf)
+            return torch.sqrt(self.m2 / (self.count - 1) / self.count)
+        if self.blocks < 2:
+            return torch.full_like(self.m2, math.inf)
+        offset = self.mean - self.shift
+        spread = (self.w2_d2 - 2 * offset * self.w2_d + offset**2 * self.w2).clamp_min(0)
+        return torch.sqrt(spread * (self.blocks / (self.blocks - 1))) / self.count
 
 
 def exact_diagonal(
@@ -165,20 +205,12 @@ def exact_diagonal(
     """
     op = as_operator(operator)
     block_size = check_positive_int(block_size, "block_size")
-    if op.is_stochastic:
-        raise ValueError(
-            "exact_diagonal needs a deterministic operator, but this one uses a different mini-batch for "
-            "every product; build it with full_dataset=True."
-        )
+    check_deterministic(op, "exact_diagonal")
     n = op.size
     first = op.num_products
     diag = torch.empty(n, dtype=op.dtype, device=op.device)
     with progress(total=n, desc="exact diagonal", verbose=verbose) as bar:
-        for start in range(0, n, block_size):
-            stop = min(start + block_size, n)
-            units = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
-            idx = torch.arange(start, stop, device=op.device)
-            units[idx, idx - start] = 1
-            diag[start:stop] = op.apply_block(units)[idx, idx - start]
+        for start, stop, units in unit_blocks(op, block_size):
+            diag[start:stop] = op.apply_block(units)[start:stop].diagonal()
             bar.update(stop - start)
     return DiagonalEstimate(diag, torch.zeros_like(diag), op.num_products - first, n, "exact")

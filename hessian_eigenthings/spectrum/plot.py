@@ -11,17 +11,21 @@ if TYPE_CHECKING:
     from .density import SpectralDensity
 
 
-def require_matplotlib() -> Any:
-    """Import and return ``matplotlib.pyplot``, or raise an ImportError that says how to install it."""
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A new ``matplotlib.figure.Figure`` (not a pyplot figure: saving works without a display and
+    pyplot's list of open figures is left alone, so plotting in a loop leaks nothing).
+
+    Raises an ImportError that says how to install matplotlib when it is missing.
+    """
     try:
-        # matplotlib falls back to a file-only backend by itself where there is no display.
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
+        import matplotlib  # noqa: F401  (fails first when matplotlib is missing, even if a submodule is cached)
+        from matplotlib.figure import Figure
+    except ImportError:
         raise ImportError(
             "Plotting needs matplotlib, an optional extra of hessian_eigenthings. Install it with "
             "pip install 'hessian_eigenthings[plot]' (or pip install matplotlib)."
-        ) from exc
-    return plt
+        ) from None
+    return Figure(figsize=figsize, layout="constrained")
 
 
 def plot_spectral_density(
@@ -56,9 +60,9 @@ def plot_spectral_density(
     Returns:
         The matplotlib Figure.
     """
-    plt = require_matplotlib()
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        fig = new_figure((6.4, 4.0))
+        ax = fig.add_subplot()
     else:
         fig = ax.figure
     values = np.asarray(density.density, dtype=np.float64)
@@ -85,7 +89,6 @@ def plot_spectral_density(
                  f"Spectral density (SLQ: {density.num_probes} probes x {steps} steps, sigma={density.sigma:.2g})")
     if label is not None:
         ax.legend()
-    fig.tight_layout()
     if path is not None:
         fig.savefig(os.fspath(path), dpi=dpi)
     return fig

@@ -1,4 +1,5 @@
-"""Random probe vectors for the stochastic estimators, from a private generator.
+"""Probe vectors: random ones for the stochastic estimators, from a private generator, and blocks of
+unit vectors for the exact ones (dense matrices, exact diagonals).
 
 The global random state is never touched. Probes are drawn as rows of a (b, n) block and
 returned transposed, so a stream of probes does not depend on how it is split into blocks: the
@@ -7,7 +8,7 @@ same seed gives the same probes whether they are drawn one at a time or sixteen 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -47,3 +48,24 @@ def draw_probes(operator: Operator, count: int, distribution: str, gen: torch.Ge
         # One draw per row: torch's normal sampler fills a block in a size-dependent order.
         rows = torch.stack([torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(count)])
     return rows.T.to(device=operator.device, dtype=operator.dtype).contiguous()
+
+
+def check_deterministic(operator: Operator, caller: str) -> None:
+    """Refuse a stochastic operator (a new mini-batch per product) where every product must be of the
+    same matrix, e.g. when its columns or diagonal are read off one block at a time."""
+    if operator.is_stochastic:
+        raise ValueError(
+            f"{caller} needs a deterministic operator, but this one uses a different mini-batch for every "
+            f"product; build it with full_dataset=True."
+        )
+
+
+def unit_blocks(operator: Operator, block_size: int) -> Iterator[tuple[int, int, Tensor]]:
+    """``(start, stop, E)`` for consecutive column ranges of the identity: E is (n, stop - start) with
+    the unit vectors ``e_start .. e_{stop-1}``, on the operator's device and dtype; memory ``n * block_size``."""
+    n = operator.size
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        units = torch.zeros(n, stop - start, dtype=operator.dtype, device=operator.device)
+        units[start:stop].fill_diagonal_(1)
+        yield start, stop, units

@@ -15,6 +15,11 @@ standard error of the whole estimate.
 
 Both work for indefinite operators: the stopping rule compares the standard error with
 ``max(tol, rtol * |estimate|)``, never with the signed estimate.
+
+On a stochastic operator (a model operator with ``full_dataset=False``: one mini-batch per block
+product) Hutchinson estimates the trace of the expected mini-batch Hessian; the probes of one
+block share its mini-batch, so the standard error is computed over blocks (cluster-robust) and
+includes the mini-batch noise. Hutch++ refuses such an operator (its exact part is one product).
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class TraceEstimate:
         converged: False when a requested ``tol`` / ``rtol`` was not reached within the budget.
         samples: (num_probes,) float64 array of the per-probe values ``z^T A z`` (for Hutch++, of
             the residual operator) whose mean plus ``info["exact_part"]`` is the estimate.
-        info: extras, e.g. ``exact_part`` (``tr(Q^T A Q)`` of Hutch++) and ``sketch_size``.
+        info: extras, e.g. ``exact_part`` (``tr(Q^T A Q)`` of Hutch++) and ``sketch_size``; for
+            Hutchinson ``clustered`` (True on a stochastic operator: the error is over block products).
     """
 
     estimate: float
@@ -79,12 +85,27 @@ def _check_stopping(max_products: Any, tol: Any, rtol: Any, min_probes: Any, blo
     return max_products, min_probes, block_size
 
 
-def _sample_stats(samples: np.ndarray) -> tuple[float, float]:
-    """(mean, standard error of the mean); the error is inf below two samples."""
+def _sample_stats(blocks: list[np.ndarray], clustered: bool = False) -> tuple[float, float]:
+    """(mean, standard error of the mean) of the samples, which came in ``blocks`` (one product each).
+
+    With ``clustered`` (a stochastic operator: each block product used its own mini-batch, shared by
+    the block's probes) the samples of a block are not independent, and the error is the
+    cluster-robust one over blocks, ``sqrt(B / (B - 1) * sum_b (S_b - m_b * mean)^2) / N`` for B
+    blocks of m_b samples summing to S_b; with blocks of one sample it is the ordinary one. The
+    error is inf below two samples (two blocks when clustered).
+    """
+    samples = np.concatenate(blocks) if blocks else np.zeros(0)
     mean = float(samples.mean()) if samples.size else 0.0
-    if samples.size < 2:
+    if not clustered:
+        if samples.size < 2:
+            return mean, math.inf
+        return mean, float(samples.std(ddof=1) / math.sqrt(samples.size))
+    if len(blocks) < 2:
         return mean, math.inf
-    return mean, float(samples.std(ddof=1) / math.sqrt(samples.size))
+    sums = np.array([block.sum() for block in blocks])
+    sizes = np.array([block.size for block in blocks], dtype=np.float64)
+    spread = np.sum((sums - sizes * mean) ** 2) * len(blocks) / (len(blocks) - 1)
+    return mean, float(math.sqrt(spread) / samples.size)
 
 
 def _hutchinson_loop(
@@ -97,30 +118,29 @@ def _hutchinson_loop(
     min_probes: int,
     block_size: int,
     bar: Any,
-) -> tuple[np.ndarray, bool]:
+) -> tuple[list[np.ndarray], bool]:
     """Run Hutchinson probes ``z^T A z`` in blocks until the standard error of ``offset + mean``
     is at most ``max(tol, rtol * |offset + mean|)`` (after ``min_probes``) or ``budget`` probes.
 
-    Returns the float64 samples and whether a requested tolerance was met.
+    Returns the float64 samples of each block product and whether a requested tolerance was met.
     """
     adaptive = tol is not None or rtol is not None
-    samples: list[np.ndarray] = []
+    blocks: list[np.ndarray] = []
     done = 0
     while done < budget:
         count = min(block_size, budget - done)
         probes = make_probes(count)
         values = (probes * operator.apply_block(probes)).sum(dim=0)
-        samples.append(values.detach().to("cpu", torch.float64).numpy())
+        blocks.append(values.detach().to("cpu", torch.float64).numpy())
         done += count
         bar.update(count)
         if adaptive and done >= min_probes:
-            mean, se = _sample_stats(np.concatenate(samples))
+            mean, se = _sample_stats(blocks, operator.is_stochastic)
             target = max(tol or 0.0, (rtol or 0.0) * abs(offset + mean))
             bar.set_postfix(estimate=f"{offset + mean:.4g}", std_error=f"{se:.2g}")
             if se <= target:
-                return np.concatenate(samples), True
-    out = np.concatenate(samples) if samples else np.zeros(0)
-    return out, not adaptive
+                return blocks, True
+    return blocks, not adaptive
 
 
 def _warn_budget(method: str, result: TraceEstimate, tol: Optional[float], rtol: Optional[float]) -> None:
@@ -151,7 +171,9 @@ def hutchinson_trace(
     """Trace of a symmetric operator by Hutchinson's estimator, with its standard error.
 
     Args:
-        operator: an :class:`Operator` (e.g. ``HVPOperator``) or a dense symmetric matrix.
+        operator: an :class:`Operator` (e.g. ``HVPOperator``) or a dense symmetric matrix. A
+            stochastic one (``full_dataset=False``) is allowed: the standard error then comes from
+            the spread between block products (mini-batches), so it needs at least two blocks.
         max_products: the budget: at most this many probes (one product each). Without ``tol``
             and ``rtol`` exactly this many are used.
         tol: stop once the standard error is at most ``tol`` (absolute, in units of the trace).
@@ -174,14 +196,15 @@ def hutchinson_trace(
     gen = probe_generator(seed)
     first = op.num_products
     with progress(total=max_products, desc="trace (Hutchinson)", verbose=verbose) as bar:
-        samples, met = _hutchinson_loop(
+        blocks, met = _hutchinson_loop(
             op, max_products, lambda b: draw_probes(op, b, distribution, gen), 0.0, tol, rtol,
             min_probes, block_size, bar,
         )
-    mean, se = _sample_stats(samples)
+    mean, se = _sample_stats(blocks, op.is_stochastic)
+    samples = np.concatenate(blocks)
     result = TraceEstimate(
         mean, se, op.num_products - first, samples.size, "hutchinson", met, samples,
-        info={"distribution": distribution},
+        info={"distribution": distribution, "clustered": op.is_stochastic},
     )
     if not met:
         _warn_budget("hutchinson_trace", result, tol, rtol)
@@ -208,7 +231,8 @@ def hutchpp_trace(
     Hutchinson probes of the deflated operator ``(I - QQ^T) A (I - QQ^T)``.
 
     Args:
-        operator: an :class:`Operator` or a dense symmetric matrix.
+        operator: an :class:`Operator` or a dense symmetric matrix; deterministic (ValueError for a
+            mini-batch operator, ``full_dataset=False``: use :func:`hutchinson_trace` there).
         max_products: the budget of products (at least ``2 * sketch_size + 2``). Without ``tol``
             and ``rtol`` all of it is used.
         tol, rtol: stop the residual phase once the standard error is at most
@@ -225,6 +249,12 @@ def hutchpp_trace(
         ``info["sketch_size"]`` is s.
     """
     op = as_operator(operator)
+    if op.is_stochastic:
+        raise ValueError(
+            "hutchpp_trace needs a deterministic operator: its exact part tr(Q^T A Q) comes from one product, "
+            "whose mini-batch noise its standard error cannot see. Build the operator with full_dataset=True, "
+            "or use hutchinson_trace, whose standard error includes the mini-batch noise."
+        )
     max_products, min_probes, block_size = _check_stopping(max_products, tol, rtol, min_probes, block_size)
     distribution = check_distribution(distribution)
     n = op.size
@@ -254,12 +284,13 @@ def hutchpp_trace(
             return probes - basis @ (basis.T @ probes)
 
         if s == n:  # Q spans the whole space: the trace is exact
-            samples, met = np.zeros(0), True
+            blocks, met = [], True
         else:
-            samples, met = _hutchinson_loop(
+            blocks, met = _hutchinson_loop(
                 op, max_products - 2 * s, deflated_probes, exact_part, tol, rtol, min_probes, block_size, bar
             )
-    mean, se = _sample_stats(samples)
+    mean, se = _sample_stats(blocks)
+    samples = np.concatenate(blocks) if blocks else np.zeros(0)
     if s == n:
         se = 0.0
     result = TraceEstimate(

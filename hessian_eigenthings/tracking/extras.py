@@ -14,8 +14,11 @@ from torch import Tensor, nn
 
 from ..operators.base import Operator
 from ..operators.model_operator import ModelOperator
+from ..spectrum.trace import hutchpp_trace
 
+# The built-in extras a record carries by default, and those that can be asked for by name.
 BUILTIN_EXTRAS = ("loss", "grad_norm")
+KNOWN_EXTRAS = BUILTIN_EXTRAS + ("trace",)
 
 
 @dataclass
@@ -94,14 +97,24 @@ def loss_and_gradient(operator: ModelOperator) -> tuple[float, Tensor]:
     return float(total / seen), grad.div_(seen)
 
 
-def builtin_extras(operator: ModelOperator, names: tuple[str, ...]) -> dict[str, float]:
-    """The built-in extras named in ``names`` ("loss": mean loss over the dataloader; "grad_norm": the
-    Euclidean norm of its gradient over the chosen parameters), from one forward/backward pass."""
-    if not names:
-        return {}
-    loss, grad = loss_and_gradient(operator)
-    values = {"loss": loss, "grad_norm": float(torch.linalg.vector_norm(grad.double()))}
-    return {name: values[name] for name in names}
+def builtin_extras(operator: ModelOperator, names: tuple[str, ...], trace_products: int = 60) -> dict[str, float]:
+    """The built-in extras named in ``names``, measured on the Hessian ``operator``.
+
+    * "loss": the mean loss over the dataloader; "grad_norm": the Euclidean norm of its gradient over
+      the chosen parameters (both from one forward/backward pass).
+    * "trace": the Hessian trace by Hutch++ with ``trace_products`` products and a fixed probe seed
+      (the same probes at every step, so step-to-step changes are not probe noise); the record gets
+      "trace" and its standard error "trace_std_error".
+    """
+    values: dict[str, float] = {}
+    if "loss" in names or "grad_norm" in names:
+        loss, grad = loss_and_gradient(operator)
+        measured = {"loss": loss, "grad_norm": float(torch.linalg.vector_norm(grad.double()))}
+        values.update((name, measured[name]) for name in names if name in measured)
+    if "trace" in names:
+        estimate = hutchpp_trace(operator, max_products=trace_products, seed=0, verbose=False)
+        values.update(trace=estimate.estimate, trace_std_error=estimate.std_error)
+    return values
 
 
 def check_extra_values(values: Any, hook: Any, taken: set[str]) -> dict[str, Any]:

@@ -46,7 +46,8 @@ class SharpnessRecord:
         warm: whether the solve was warm-started from the previous eigenvectors.
         which: "LA", "SA" or "LM".
         preconditioned: whether the operator was ``P^{-1/2} H P^{-1/2}`` rather than ``H``.
-        extras: "loss", "grad_norm" (built in) and whatever the extras hooks returned.
+        extras: the built-in extras ("loss", "grad_norm" by default; "trace" and "trace_std_error" on
+            request) and whatever the extras hooks returned.
     """
 
     step: int

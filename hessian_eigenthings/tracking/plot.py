@@ -1,8 +1,8 @@
 """Drawing a tracking log: eigenvalues against steps, the loss on a second axis.
 
-matplotlib is imported only when a plot is drawn (``pip install "hessian_eigenthings[plot]"``).
-Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so saving works without a
-display and leaves pyplot's global state alone.
+matplotlib is imported only when a plot is drawn (``pip install "hessian_eigenthings[plot]"``), by
+:func:`hessian_eigenthings.spectrum.plot.new_figure`, which builds a ``matplotlib.figure.Figure``
+rather than a pyplot figure.
 """
 
 from __future__ import annotations
@@ -10,19 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from ..spectrum.plot import new_figure
 from .log import PathLike, SharpnessRecord, read_log
-
-
-def _matplotlib() -> Any:
-    try:
-        import matplotlib  # noqa: F401
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(
-            "Plotting a tracking log needs matplotlib, which is not installed: "
-            "pip install \"hessian_eigenthings[plot]\" (or pip install matplotlib)."
-        ) from None
-    return Figure
 
 
 def plot_log(
@@ -52,12 +41,12 @@ def plot_log(
     Returns:
         The matplotlib Figure.
     """
-    Figure = _matplotlib()
     records = read_log(log) if isinstance(log, (str, Path)) or hasattr(log, "__fspath__") else list(log)
     if not records:
         raise ValueError("The log has no records to plot.")
-    if ax is None:
-        fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    own_figure = ax is None
+    if own_figure:
+        fig = new_figure((7.0, 4.2))
         ax = fig.add_subplot()
     else:
         fig = ax.figure
@@ -84,9 +73,17 @@ def plot_log(
         if loss_log_scale and all(p[1] > 0 for p in pts):
             right.set_yscale("log")
         handles.append(line)
-    ax.legend(handles=handles, loc="best", fontsize="small")
-    if title:
-        ax.set_title(title)
+    if own_figure:
+        # Above the axes in one row (the title goes above it): inside, "best" would avoid the eigenvalue
+        # lines but not the loss, which lives on the twin axis.
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles),
+                  frameon=False, fontsize="small")
+        if title:
+            fig.suptitle(title)
+    else:
+        ax.legend(handles=handles, loc="best", fontsize="small")
+        if title:
+            ax.set_title(title)
     if out is not None:
         fig.savefig(out, dpi=150)
     return fig

@@ -18,10 +18,9 @@ tracked step after the first, mean for k = 1 / k = 3):
   previous eigenvectors) and handles "LA" and "SA" directly. A warm step gets a short Krylov basis
   (``num_lanczos_vectors = k + 4``); from a random start the same short basis needs 17.5 / 25.8.
 * lanczos cold with its default basis (the first, cold step): 42 / 44.
-* deflated power iteration warm-started with ``init_vecs``: 59 / 450. With "LA"/"SA" it first
-  finds the largest-magnitude eigenvalue for its shift from a random vector, which the warm start
-  cannot reach (for k = 1 warm and cold cost exactly the same), and it crawls on the clustered top
-  eigenvalues at the edge of stability.
+* deflated power iteration warm-started with ``init_vecs``: 38.7 / 424 (cold: 59 / 555). The warm
+  start also seeds the largest-magnitude solve that "LA"/"SA" need for their shift, but power
+  iteration crawls on the clustered top eigenvalues at the edge of stability.
 
 So the saving of a warm step over a cold start comes partly from the start vector and partly from
 the short basis that a good start vector makes safe. If a short warm solve fails (NoConvergenceError,

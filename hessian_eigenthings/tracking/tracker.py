@@ -14,7 +14,7 @@ from ..operators.hvp import HVPOperator
 from ..operators.model_operator import ModelOperator
 from ..operators.preconditioned import PreconditionedOperator, adam_preconditioner
 from ..utils import check_num_eigenthings, check_positive_int, check_which, logger
-from .extras import BUILTIN_EXTRAS, TrackingContext, builtin_extras, check_extra_values, preserved_rng_state
+from .extras import BUILTIN_EXTRAS, KNOWN_EXTRAS, TrackingContext, builtin_extras, check_extra_values, preserved_rng_state
 from .log import RECORD_FIELDS, PathLike, SharpnessRecord, TrackingLog
 from .solve import SolverSpec, TrackingSolver
 
@@ -61,8 +61,12 @@ class SharpnessTracker:
             ``<log>.vectors.pt``), or is replaced ("overwrite").
         save_vectors: keep the last eigenvectors in ``<log>.vectors.pt`` (k * n numbers) for a warm
             resume.
-        builtin_extras: which of "loss" (mean loss over the dataloader) and "grad_norm" (norm of its
-            gradient) each record carries; both cost one extra forward and backward pass together.
+        builtin_extras: which of "loss" (mean loss over the dataloader), "grad_norm" (norm of its
+            gradient) and "trace" (the Hessian trace by Hutch++, with "trace_std_error") each record
+            carries. The default is ("loss", "grad_norm"): one extra forward and backward pass
+            together; "trace" is opt-in and costs ``trace_products`` Hessian-vector products.
+        trace_products: the Hutch++ budget of the "trace" extra (its error falls like 1/products on
+            a Hessian with a few outlier eigenvalues). The trace is of H, also with a preconditioner.
         extras: a hook ``hook(ctx: TrackingContext) -> dict`` or a list of them, called at each tracked
             step; the numbers they return join the record (e.g. a trace estimate of ``ctx.hessian``).
         preconditioner: track the preconditioned sharpness, the top eigenvalues of
@@ -94,6 +98,7 @@ class SharpnessTracker:
         if_exists: str = "error",
         save_vectors: bool = True,
         builtin_extras: Sequence[str] = BUILTIN_EXTRAS,
+        trace_products: int = 60,
         extras: Optional[Union[ExtrasHook, Sequence[ExtrasHook]]] = None,
         preconditioner: Optional[Preconditioner] = None,
         operator_cls: type = HVPOperator,
@@ -114,6 +119,7 @@ class SharpnessTracker:
         if not (isinstance(operator_cls, type) and issubclass(operator_cls, ModelOperator)):
             raise TypeError(f"operator_cls must be a ModelOperator subclass such as HVPOperator, got {operator_cls!r}.")
         self.builtin_extras = _check_builtin(builtin_extras)
+        self.trace_products = check_positive_int(trace_products, "trace_products")
         self.extras_hooks = _check_hooks(extras)
         if preconditioner is not None and not (
             isinstance(preconditioner, (torch.optim.Adam, torch.optim.AdamW)) or
@@ -135,8 +141,8 @@ class SharpnessTracker:
         self.num_eigenthings = check_num_eigenthings(num_eigenthings, self.hessian.size)
         if isinstance(preconditioner, torch.optim.Optimizer):
             optimised = {id(p) for group in preconditioner.param_groups for p in group["params"]}
-            by_name = dict(model.named_parameters())
-            missing = [name for name in self.hessian.param_names if id(by_name[name]) not in optimised]
+            missing = [name for name, p in zip(self.hessian.param_names, self._tracked_parameters())
+                       if id(p) not in optimised]
             if missing:
                 raise ValueError(
                     f"preconditioner: the optimizer does not optimise {', '.join(missing[:5])}"
@@ -160,6 +166,7 @@ class SharpnessTracker:
 
     @property
     def last_record(self) -> Optional[SharpnessRecord]:
+        """The newest :class:`SharpnessRecord` (also one read back from a resumed log), or None."""
         return self.records[-1] if self.records else None
 
     def due(self, step: int) -> bool:
@@ -220,7 +227,7 @@ class SharpnessTracker:
             if init is not None and init.shape[1] != operator.size:
                 init = None
             outcome = self.solver.solve(operator, self.num_eigenthings, init)
-            extras: dict[str, Any] = builtin_extras(self.hessian, self.builtin_extras)
+            extras: dict[str, Any] = builtin_extras(self.hessian, self.builtin_extras, self.trace_products)
             context = TrackingContext(
                 step, self.model, operator, self.hessian, outcome.eigenvalues, outcome.eigenvectors,
                 self.dataloader, self.criterion,
@@ -260,14 +267,23 @@ class SharpnessTracker:
         if callable(self.preconditioner) and not isinstance(self.preconditioner, torch.optim.Optimizer):
             diagonal = self.preconditioner()
         else:
-            by_name = dict(self.model.named_parameters())
-            params = [by_name[name] for name in self.hessian.param_names]
+            params = self._tracked_parameters()
             if any(p not in self.preconditioner.state or "step" not in self.preconditioner.state[p] for p in params):
                 logger.info("SharpnessTracker: the optimizer has not taken a step yet, so there is no "
                             "preconditioner; this step is not recorded.")
                 return None
             diagonal = adam_preconditioner(self.preconditioner, params)
         return PreconditionedOperator(self.hessian, diagonal)
+
+    def _tracked_parameters(self) -> list[Tensor]:
+        """The user's parameter tensors behind the operator's flat layout (those the optimizer holds).
+
+        Looked up by name in the operator's own model, which is the user's module with a
+        DistributedDataParallel wrapper taken off (its names have no ``module.`` prefix); the
+        operator's ``_params`` may belong to a device copy, which no optimizer knows.
+        """
+        by_name = dict(self.hessian.model.named_parameters())
+        return [by_name[name] for name in self.hessian.param_names]
 
     def _resume(self, log: TrackingLog) -> None:
         if not log.resumed:
@@ -297,10 +313,10 @@ def _check_builtin(names: Iterable[str]) -> tuple[str, ...]:
     if isinstance(names, str):
         names = (names,)
     names = tuple(names)
-    unknown = [name for name in names if name not in BUILTIN_EXTRAS]
+    unknown = [name for name in names if name not in KNOWN_EXTRAS]
     if unknown:
         raise ValueError(
-            f"builtin_extras: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(map(repr, BUILTIN_EXTRAS))} "
+            f"builtin_extras: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(map(repr, KNOWN_EXTRAS))} "
             f"(or () for none). Other measurements go in an extras hook."
         )
     return tuple(dict.fromkeys(names))
