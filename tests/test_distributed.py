@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import os
 import time
 import traceback
 import warnings
@@ -42,6 +43,7 @@ from helpers import (
     assert_model_unchanged,
     batches,
     classification_data,
+    dense_loss_hessian,
     model_snapshot,
     small_mlp,
 )
@@ -218,6 +220,21 @@ def _failure_worker(rank: int) -> dict:
     return out
 
 
+def _tracker_worker(rank: int) -> dict:
+    from hessian_eigenthings import SharpnessTracker
+
+    model = small_mlp()
+    _, _, loader = _shard(rank)
+    log_path = os.environ["HE_TRACKER_LOG"]
+    tracker = SharpnessTracker(model, loader, nn.functional.cross_entropy, num_eigenthings=2, log_path=log_path,
+                               use_gpu=False, verbose=False)
+    records = [tracker.step(0)]
+    with torch.no_grad():
+        model[0].weight.mul_(1.01)
+    records.append(tracker.step(1))
+    return {"records": [r.as_dict() for r in records]}
+
+
 def _nccl_worker(rank: int) -> dict:
     model = small_mlp().to(f"cuda:{rank}")
     _, _, loader = _shard(rank)  # batches stay on the host; the operator moves them
@@ -359,6 +376,32 @@ def test_a_failing_rank_stops_every_rank_and_never_hangs(mlp_problem, tmp_path):
 
 
 # -- single process: everything is an identity ---------------------------------------------------
+def test_tracker_under_two_ranks_writes_once_and_records_global_values(tmp_path, monkeypatch):
+    log_path = tmp_path / "sharpness.jsonl"
+    monkeypatch.setenv("HE_TRACKER_LOG", str(log_path))  # inherited by the spawned ranks
+    r0, r1 = _run_ranks("_tracker_worker", tmp_path, limit_s=90)
+    timeless = [[{k: v for k, v in r.items() if k != "seconds"} for r in out["records"]] for out in (r0, r1)]
+    assert timeless[0] == timeless[1]
+    lines = log_path.read_text().splitlines()
+    assert len(lines) == 2  # rank 0 alone wrote, once per tracked step
+    assert not (tmp_path / "sharpness.jsonl.vectors.pt.tmp").exists()
+    # loss, gradient norm and eigenvalues are those of the whole dataset, not of one shard
+    model = small_mlp()
+    x, y = classification_data()
+    for step, record in enumerate(r0["records"]):
+        if step == 1:
+            with torch.no_grad():
+                model[0].weight.mul_(1.01)
+        with _one_thread():
+            loss = nn.functional.cross_entropy(model(x), y)
+            grad = torch.autograd.grad(loss, list(model.parameters()))
+            hessian = dense_loss_hessian(model, nn.functional.cross_entropy, x, y)
+        assert record["loss"] == pytest.approx(float(loss), rel=1e-10)
+        assert record["grad_norm"] == pytest.approx(float(torch.cat([g.reshape(-1) for g in grad]).norm()), rel=1e-9)
+        top = np.sort(np.linalg.eigvalsh(hessian.numpy()))[::-1][:2]
+        assert np.allclose(record["eigenvalues"], top, rtol=1e-4)
+
+
 def test_without_a_process_group_the_helpers_do_nothing(mlp_problem):
     model, loader, _, _, hessian = mlp_problem
     assert not distributed.is_distributed()

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..utils import logger
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -130,6 +131,8 @@ class TrackingLog:
         self.vectors_path = vectors_path(self.path)
         self.columns: Optional[list[str]] = None
         self.resumed: list[SharpnessRecord] = []
+        # Under torch.distributed every rank measures the same numbers; rank 0 alone writes them.
+        self.writes = distributed.is_main_process()
         if self.path.exists():
             if if_exists == "error":
                 raise FileExistsError(
@@ -137,9 +140,10 @@ class TrackingLog:
                     f"or Ctrl-C), if_exists='overwrite' to start it afresh, or choose another log_path."
                 )
             if if_exists == "overwrite":
-                self.path.unlink()
-                if self.vectors_path.exists():
-                    self.vectors_path.unlink()
+                if self.writes:
+                    self.path.unlink()
+                    if self.vectors_path.exists():
+                        self.vectors_path.unlink()
             else:
                 self.resumed = self._read_and_repair()
         if not self.path.parent.exists():
@@ -147,7 +151,9 @@ class TrackingLog:
 
     # -- writing -------------------------------------------------------------------------------
     def append(self, record: SharpnessRecord) -> None:
-        """Write one record as a whole line, flush and fsync it."""
+        """Write one record as a whole line, flush and fsync it (on rank 0 only under torch.distributed)."""
+        if not self.writes:
+            return
         data = record.as_dict()
         if self.format == "jsonl":
             text = json.dumps(data, allow_nan=True) + "\n"
@@ -165,7 +171,7 @@ class TrackingLog:
     def write_vectors(self, step: int, vectors: Tensor) -> None:
         """Replace the side file with ``vectors`` ((k, n), from ``step``): written to a temporary file,
         synced, then renamed over the old one, so it is never half written."""
-        if not self.save_vectors:
+        if not self.save_vectors or not self.writes:
             return
         tmp = self.vectors_path.with_name(self.vectors_path.name + ".tmp")
         with open(tmp, "wb") as handle:
@@ -195,7 +201,9 @@ class TrackingLog:
     def _read_and_repair(self) -> list[SharpnessRecord]:
         raw = self.path.read_bytes()
         complete = raw.rfind(b"\n") + 1
-        if complete < len(raw):
+        if complete < len(raw) and not self.writes:
+            raw = raw[:complete]
+        elif complete < len(raw):
             logger.warning("%s ends in a partial line (a crash while writing); dropping it.", self.path)
             with open(self.path, "r+b") as handle:
                 handle.truncate(complete)
