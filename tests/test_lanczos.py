@@ -111,6 +111,10 @@ def test_default_settings_converge_on_a_trained_float32_digits_mlp(which):
     op = HVPOperator(model, loader, nn.functional.cross_entropy, use_gpu=False)
     result = lanczos(op, 10, which=which, verbose=False)
     assert result.converged.all()
+    top = lanczos(op, 1, which=which, verbose=False)
+    assert top.converged.all()
+    with pytest.raises(NoConvergenceError):  # the old default basis of 2k vectors, for k=1
+        lanczos(op, 1, which=which, num_lanczos_vectors=2, max_steps=20, verbose=False)
     # float32 products resolve residuals to about eps * ||H||
     assert np.all(result.residuals <= 1e-6 * abs(result.eigenvalues[0]) + 1e-6 * np.abs(result.eigenvalues))
     # reference: the same network in float64, solved to tight tolerance
