@@ -37,6 +37,11 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
+def tensors_in(obj: Any) -> list[Tensor]:
+    """Every tensor inside nested tuples, lists and dicts (or ``obj`` itself if it is one)."""
+    return list(_tensors(obj))
+
+
 def num_samples(inputs: Any, targets: Any, index: int) -> int:
     """Samples in a batch: the first-dimension length shared by its tensors."""
     sizes = {t.shape[0] for t in _tensors((inputs, targets)) if t.dim() > 0}

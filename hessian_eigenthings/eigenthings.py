@@ -52,7 +52,7 @@ SOLVER_MODES: dict[str, tuple[Callable[..., EigenResult], Callable[..., Any]]] =
 
 # keyword arguments of compute_hessian_eigenthings that configure the operator, not the solver
 _OPERATOR_KWARGS = ("params", "eval_mode", "device", "check_finite", "backend", "batched", "cache_batches",
-                    "cache_max_bytes", "precision")
+                    "cache_max_bytes", "cache_graphs", "graph_cache_max_bytes", "precision")
 # solver arguments that compute_hessian_eigenthings sets itself
 _FIXED_SOLVER_ARGS = ("operator", "num_eigenthings", "to_numpy", "use_gpu", "fp16")
 
@@ -86,7 +86,8 @@ def compute_hessian_eigenthings(
         fp16: products under autocast, at lower accuracy (see :class:`HVPOperator`).
         max_possible_gpu_samples: micro-batch size bound for the products.
         **kwargs: ``params``, ``eval_mode``, ``device``, ``check_finite``, ``backend``, ``batched``,
-            ``cache_batches``, ``cache_max_bytes``, ``precision`` go to the operator;
+            ``cache_batches``, ``cache_max_bytes``, ``cache_graphs``, ``graph_cache_max_bytes``,
+            ``precision`` go to the operator;
             everything else to the solver, e.g. ``which="LA"``, ``tol=1e-6``, ``momentum=0.5``,
             ``power_iter_steps=100``, ``max_steps``, ``num_lanczos_vectors``, ``block_size``,
             ``init_vecs``, ``verbose=False``.

@@ -62,7 +62,7 @@ def test_auto_uses_double_backward_for_single_vectors_and_times_blocks_in_real_p
             block = rand(op.size, 4, seed=step)
             expected = hessian @ block
             assert torch.allclose(op.apply_block(block), expected, rtol=1e-10, atol=1e-12 * expected.abs().max())
-    trials = op._trials[4]
+    trials = op._trials[(4, False)]
     assert sorted(plan for plan, _ in trials) == sorted(2 * list(candidates))  # each twice, then decided
     assert op.backend_used[4] in candidates
     choices = [r for r in caplog.records if "blocks of 4 vectors" in r.getMessage()]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -45,6 +45,62 @@ def _quiet_vmap_fallbacks() -> Iterator[None]:
         yield
 
 
+class FirstOrderGraph(NamedTuple):
+    """A micro-batch's loss and its gradient with the autograd graph that produced it.
+
+    ``live`` are the indices of the parameters whose gradient depends on the parameters (the
+    others have zero curvature); ``grads`` their gradients, in that order.
+    """
+
+    loss: Tensor
+    live: list[int]
+    grads: list[Tensor]
+
+
+def first_order_graph(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> FirstOrderGraph:
+    """The forward pass and the gradient of ``loss_fn()`` w.r.t. ``params``, keeping the graph."""
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    # Gradients that are constant in the parameters (or absent) contribute zero curvature.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    return FirstOrderGraph(loss, live, [grads[i] for i in live])
+
+
+def second_backward(
+    graph: FirstOrderGraph, params: Sequence[Tensor], tangents: Sequence[Tensor], batched: bool, keep: bool
+) -> Tensor:
+    """``H v`` for each of b vectors from a first-order graph, as (b, n) rows.
+
+    ``keep`` leaves the graph usable for later products (False frees it after the last vector).
+    """
+    b = tangents[0].shape[0]
+    if not graph.live:
+        return _rows_from_blocks([None] * len(params), params, b)
+    if batched:
+        with _quiet_vmap_fallbacks():
+            blocks = torch.autograd.grad(
+                graph.grads, params, grad_outputs=[tangents[i] for i in graph.live],
+                retain_graph=keep, is_grads_batched=True, allow_unused=True,
+            )
+        return _rows_from_blocks(blocks, params, b)
+    rows = torch.zeros(b, sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    for j in range(b):
+        hv = torch.autograd.grad(
+            graph.grads,
+            params,
+            grad_outputs=[tangents[i][j] for i in graph.live],
+            retain_graph=keep or j < b - 1,
+            allow_unused=True,
+        )
+        for i, h in enumerate(hv):
+            if h is not None:
+                rows[j, offsets[i] : offsets[i + 1]] = h.reshape(-1)
+    return rows
+
+
 def double_backward(
     loss_fn: Callable[[], Tensor],
     params: Sequence[Tensor],
@@ -62,36 +118,8 @@ def double_backward(
     Returns:
         (loss, rows): the loss and the (b, n) products.
     """
-    b = tangents[0].shape[0]
-    loss = loss_fn()
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    # Gradients that are constant in the parameters (or absent) contribute zero curvature.
-    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-    if not live:
-        return loss, _rows_from_blocks([None] * len(params), params, b)
-    live_grads = [grads[i] for i in live]
-    if batched:
-        with _quiet_vmap_fallbacks():
-            blocks = torch.autograd.grad(
-                live_grads, params, grad_outputs=[tangents[i] for i in live], is_grads_batched=True, allow_unused=True
-            )
-        return loss, _rows_from_blocks(blocks, params, b)
-    rows = torch.zeros(b, sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    offsets = [0]
-    for p in params:
-        offsets.append(offsets[-1] + p.numel())
-    for j in range(b):
-        hv = torch.autograd.grad(
-            live_grads,
-            params,
-            grad_outputs=[tangents[i][j] for i in live],
-            retain_graph=j < b - 1,
-            allow_unused=True,
-        )
-        for i, h in enumerate(hv):
-            if h is not None:
-                rows[j, offsets[i] : offsets[i + 1]] = h.reshape(-1)
-    return loss, rows
+    graph = first_order_graph(loss_fn, params)
+    return graph.loss, second_backward(graph, params, tangents, batched, keep=False)
 
 
 def forward_over_reverse(

@@ -114,6 +114,8 @@ class ModelOperator(Operator):
         self.eval_mode = bool(eval_mode)
         self.check_finite = bool(check_finite)
         self._deferred: Optional[list] = None  # pending NaN/Inf checks inside deferred_checks()
+        self._frozen_depth = 0  # nesting depth of frozen() blocks
+        self._chunk_position = 0  # position of the micro-batch in progress within its pass
         self.param_names = names
         self.dropout_seed = 0
         self._batch_iter: Optional[Iterator] = None
@@ -157,7 +159,8 @@ class ModelOperator(Operator):
         # product's all-reduce, then raised on all of them (single process: a no-op).
         guard = distributed.ProductGuard(self.process_group, self.reduce_across_ranks, (NonFiniteError,))
         with guard, self._product_context():
-            for label, inputs, targets, count in self._chunks():
+            for position, (label, inputs, targets, count) in enumerate(self._chunks()):
+                self._chunk_position = position
                 loss, hv = self._chunk_products(inputs, targets, columns, label)
                 total.add_(hv, alpha=count)
                 seen += count
@@ -173,6 +176,27 @@ class ModelOperator(Operator):
         if self.full_dataset:
             self.num_samples = seen
         return total.div_(seen)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """A block in which the caller promises not to change the model (parameters, buffers, modes)
+        nor its data, so that work shared by all products may be kept between them (see
+        :class:`HVPOperator`'s ``cache_graphs``). Nested blocks are one block; what was kept is
+        freed when the outermost block ends, also on error."""
+        self._frozen_depth += 1
+        try:
+            yield
+        finally:
+            self._frozen_depth -= 1
+            if self._frozen_depth == 0:
+                self._release_kept_work()
+
+    def _release_kept_work(self) -> None:
+        """Free what products kept inside :meth:`frozen` (nothing, unless a subclass keeps work)."""
+
+    def _copy_is_stale(self) -> bool:
+        """Whether the device copy of the model must be synced from the model before a product."""
+        return True
 
     @contextlib.contextmanager
     def deferred_checks(self) -> Iterator[None]:
@@ -273,7 +297,7 @@ class ModelOperator(Operator):
     # -- data ----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _product_context(self) -> Iterator[None]:
-        if self._work_model is not self.model:
+        if self._work_model is not self.model and self._copy_is_stale():
             self._sync_copy()
         keep_modes = not self.eval_mode
         with contextlib.ExitStack() as stack:

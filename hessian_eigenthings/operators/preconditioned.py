@@ -20,7 +20,7 @@ the optimizer.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, ContextManager, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -58,6 +58,18 @@ class PreconditionedOperator(Operator):
     def _matmat(self, mat: Tensor) -> Tensor:
         scale = self.inv_sqrt.unsqueeze(1)
         return scale * self.operator.apply_block(scale * mat)
+
+    def frozen(self) -> ContextManager[None]:
+        """The wrapped operator's :meth:`Operator.frozen` block."""
+        return self.operator.frozen()
+
+    def deferred_checks(self) -> ContextManager[None]:
+        """The wrapped operator's :meth:`Operator.deferred_checks` block."""
+        return self.operator.deferred_checks()
+
+    def flush_checks(self) -> None:
+        """The wrapped operator's :meth:`Operator.flush_checks`."""
+        self.operator.flush_checks()
 
     def to_original(self, vectors: Union[Tensor, np.ndarray]) -> Tensor:
         """Map eigenvectors of this operator to unit eigenvectors of ``P^{-1} A``.

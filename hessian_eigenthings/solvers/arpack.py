@@ -9,7 +9,7 @@ import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch import Tensor
 
-from ..operators.base import Operator, as_operator
+from ..operators.base import Operator, as_operator, runs_frozen
 from ..utils import check_num_eigenthings, check_positive_int, check_which, logger, progress
 from .result import (
     EigenResult,
@@ -41,6 +41,7 @@ def default_num_lanczos_vectors(num_eigenthings: int, size: int) -> int:
     return min(size, max(2 * num_eigenthings + 20, 40))
 
 
+@runs_frozen
 def lanczos(
     operator: Union[Operator, Tensor, np.ndarray],
     num_eigenthings: int = 10,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..operators.base import Operator, as_operator
+from ..operators.base import Operator, as_operator, runs_frozen
 from ..utils import check_num_eigenthings, check_positive_int, check_which, logger, progress
 from .result import (
     EigenResult,
@@ -229,6 +229,7 @@ def krylov_schur(
         m += b
 
 
+@runs_frozen
 def native_solve(
     operator: Union[Operator, Tensor, np.ndarray],
     num_eigenthings: int,

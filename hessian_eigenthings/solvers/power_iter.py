@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..operators.base import Operator, as_operator
+from ..operators.base import Operator, as_operator, runs_frozen
 from ..utils import check_num_eigenthings, check_positive_int, check_which, logger, progress
 from .result import (
     EigenResult,
@@ -37,6 +37,7 @@ from .result import (
 )
 
 
+@runs_frozen
 def power_iteration(
     operator: Union[Operator, Tensor, np.ndarray],
     steps: int = 20,
@@ -78,6 +79,7 @@ def power_iteration(
     return result
 
 
+@runs_frozen
 def deflated_power_iteration(
     operator: Union[Operator, Tensor, np.ndarray],
     num_eigenthings: int = 10,

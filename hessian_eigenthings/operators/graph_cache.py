@@ -1,0 +1,125 @@
+"""Keeping each micro-batch's forward pass and gradient graph for the next products.
+
+A Hessian-vector product by double backward costs a forward pass, a backward pass that builds
+the gradient's graph, and a backward pass through that graph. Only the last one depends on the
+vector: while the model and the data are fixed (inside :meth:`Operator.frozen`, which every
+solver and estimator of this package enters), the first two can be done once per micro-batch and
+their graph reused, which makes a product about 1.5-2x cheaper (benchmarks/hvp_backends.py).
+
+The graphs hold every tensor the two backward passes need (activations and their derivatives),
+so they are kept only within a memory budget, measured while they are built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .hvp_backends import FirstOrderGraph
+
+# Budget of kept graphs on a CPU, and as a share of the free memory of a GPU.
+DEFAULT_CPU_GRAPH_BYTES = 2 * 2**30
+DEFAULT_GPU_GRAPH_SHARE = 0.4
+
+
+def default_graph_budget(device: torch.device) -> int:
+    """Bytes the kept graphs may take by default on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * DEFAULT_GPU_GRAPH_SHARE)
+    return DEFAULT_CPU_GRAPH_BYTES
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saved for backward while :func:`counting_saved_bytes` ran."""
+
+    def __init__(self, exclude: Sequence[Tensor]) -> None:
+        self._seen: dict[int, int] = {_storage_key(t): 0 for t in exclude}
+        self.total = 0
+
+    def add(self, tensor: Tensor) -> None:
+        key = _storage_key(tensor)
+        if key in self._seen:
+            return
+        size = tensor.untyped_storage().nbytes()
+        self._seen[key] = size
+        self.total += size
+
+
+def _storage_key(tensor: Tensor) -> int:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
+        return id(tensor)
+
+
+@contextlib.contextmanager
+def counting_saved_bytes(exclude: Sequence[Tensor]) -> Iterator[SavedBytes]:
+    """Count the memory of the tensors autograd saves in this block, except those sharing storage
+    with ``exclude`` (parameters and inputs, which are held anyway).
+
+    The hook stores a detached alias: storing the tensor itself would tie a saved output to its
+    own graph node in a cycle that is never freed. Autograd re-attaches the graph when it unpacks
+    the alias, so the second derivatives through saved outputs stay exact.
+    """
+    counter = SavedBytes(exclude)
+
+    def pack(tensor: Tensor) -> Tensor:
+        counter.add(tensor)
+        return tensor.detach()
+
+    def unpack(tensor: Tensor) -> Tensor:
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield counter
+
+
+def model_state_key(model: nn.Module) -> tuple:
+    """A value that changes when a parameter or buffer of ``model`` is changed in place or replaced,
+    or a module switches between train and eval mode (the kept graphs are then stale).
+
+    It reads version counters, so writes through ``.data`` are not seen: the graphs are kept only
+    inside :meth:`Operator.frozen`, whose caller promises not to change the model.
+    """
+    tensors = [(t._version, t.data_ptr()) for t in model.parameters()]
+    tensors += [(t._version, t.data_ptr()) for t in model.buffers()]
+    return tuple(tensors), tuple(m.training for m in model.modules())
+
+
+class KeptGraphs:
+    """The first-order graphs of the micro-batches of a full-dataset pass, by position in the pass.
+
+    Graphs are added while they fit ``budget`` bytes; micro-batches past the budget are computed
+    afresh in every product. ``key`` is the model state they were built for.
+    """
+
+    def __init__(self) -> None:
+        self.graphs: dict[int, FirstOrderGraph] = {}
+        self.bytes = 0
+        self.full = False  # the budget is spent: build no more in this frozen block
+        self.key: Optional[tuple] = None
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def get(self, position: int) -> Optional[FirstOrderGraph]:
+        return self.graphs.get(position)
+
+    def add(self, position: int, graph: FirstOrderGraph, size: int, budget: int) -> bool:
+        """Keep ``graph`` if it fits the budget; return whether it was kept."""
+        if self.full or self.bytes + size > budget:
+            self.full = True
+            return False
+        self.graphs[position] = graph
+        self.bytes += size
+        return True
+
+    def clear(self) -> None:
+        self.graphs = {}
+        self.bytes = 0
+        self.full = False
+        self.key = None

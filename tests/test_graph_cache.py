@@ -1,0 +1,281 @@
+"""Keeping first-order graphs inside Operator.frozen(): exact products, reuse, invalidation, budget."""
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    assert_model_unchanged,
+    batches,
+    classification_data,
+    dense_loss_hessian,
+    model_snapshot,
+    small_mlp,
+)
+from torch import nn
+
+from hessian_eigenthings import HVPOperator, compute_hessian_eigenthings
+from hessian_eigenthings.operators.base import MatrixOperator, runs_frozen
+from hessian_eigenthings.operators.graph_cache import counting_saved_bytes
+from hessian_eigenthings.solvers.thick_restart import thick_restart_lanczos
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class ForwardCounter:
+    """Counts the model's forward passes (a kept graph means no forward pass)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.calls += 1
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@pytest.fixture
+def counted(mlp_problem):
+    model, loader, _, _, hessian = mlp_problem
+    counter = ForwardCounter(model)
+    yield model, loader, hessian, counter
+    counter.close()
+
+
+def micro_batches(loader, step=256):
+    """Micro-batches of a list loader at the default max_possible_gpu_samples (256)."""
+    return sum(-(-len(x) // step) for x, _ in loader)
+
+
+def close(a, b, tol=1e-10):
+    return torch.allclose(a, b, rtol=tol, atol=tol * b.abs().max())
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_products_in_a_frozen_block_are_exact_and_do_one_forward_pass_per_batch(counted, batched):
+    model, loader, hessian, counter = counted
+    before = model_snapshot(model)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, batched=batched)
+    with op.frozen():
+        for step in range(4):
+            v = rand(op.size, seed=step)
+            assert close(op.apply(v), hessian @ v)
+            block = rand(op.size, 3, seed=10 + step)
+            assert close(op.apply_block(block), hessian @ block)
+        assert len(op._kept) == micro_batches(loader) == 3  # 500 = 256 + 244, and 12
+        assert op.kept_graph_plan[3] == ("double_backward", batched)
+    assert counter.calls == micro_batches(loader)  # only the first product ran the model
+    assert len(op._kept) == 0  # freed at the block's end
+    assert_model_unchanged(model, before)
+
+
+def test_outside_a_frozen_block_every_product_runs_the_model(counted):
+    model, loader, hessian, counter = counted
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    for step in range(3):
+        v = rand(op.size, seed=step)
+        assert close(op.apply(v), hessian @ v)
+    assert counter.calls == 3 * micro_batches(loader)
+    assert len(op._kept) == 0
+
+
+def test_cache_graphs_false_and_no_batch_cache_keep_nothing(counted):
+    model, loader, hessian, counter = counted
+    for kwargs in ({"cache_graphs": False}, {"cache_batches": False}):
+        counter.calls = 0
+        op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, **kwargs)
+        with op.frozen():
+            for step in range(3):
+                v = rand(op.size, seed=step)
+                assert close(op.apply(v), hessian @ v)
+            assert len(op._kept) == 0
+        assert counter.calls == 3 * micro_batches(loader)
+
+
+def test_forced_forward_over_reverse_keeps_no_graph(counted):
+    model, loader, hessian, counter = counted
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, backend="forward_over_reverse")
+    with op.frozen():
+        for step in range(2):
+            v = rand(op.size, seed=step)
+            assert close(op.apply(v), hessian @ v, 1e-9)
+        assert len(op._kept) == 0
+
+
+def test_a_parameter_changed_inside_the_block_rebuilds_the_graphs():
+    model = small_mlp(seed=3)
+    x, y = classification_data(num=96)
+    loader = batches(x, y, [64, 32])
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    v = rand(op.size, seed=1)
+    with op.frozen():
+        assert close(op.apply(v), dense_loss_hessian(model, F.cross_entropy, x, y) @ v)
+        with torch.no_grad():
+            model[0].weight.add_(0.3)  # in place, as an optimizer step would
+        assert close(op.apply(v), dense_loss_hessian(model, F.cross_entropy, x, y) @ v)
+        model[0].weight = nn.Parameter(model[0].weight.detach() * 0.5)  # replaced
+        op_new = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)  # sees the new tensor
+        with op_new.frozen():
+            assert close(op_new.apply(v), dense_loss_hessian(model, F.cross_entropy, x, y) @ v)
+
+
+def test_budget_keeps_a_prefix_of_the_batches_and_products_stay_exact():
+    model = small_mlp(seed=1)
+    x, y = classification_data(num=160)
+    loader = batches(x, y, [40, 40, 40, 40])
+    hessian = dense_loss_hessian(model, F.cross_entropy, x, y)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    with op.frozen():
+        op.apply(rand(op.size))
+        per_batch = op._kept.bytes / 4
+        assert len(op._kept) == 4 and per_batch > 0
+    counter = ForwardCounter(model)
+    try:
+        op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, graph_cache_max_bytes=int(2.5 * per_batch))
+        with op.frozen():
+            for step in range(3):
+                v = rand(op.size, seed=step)
+                assert close(op.apply(v), hessian @ v)
+            assert len(op._kept) == 2
+        # 4 forward passes in the first product, then only the 2 batches that were not kept.
+        assert counter.calls == 4 + 2 * 2
+    finally:
+        counter.close()
+
+
+def test_saved_bytes_count_activations_not_parameters_or_inputs():
+    layer = nn.Linear(50, 40, dtype=torch.float64)
+    x = torch.randn(30, 50, dtype=torch.float64)
+    with counting_saved_bytes(list(layer.parameters()) + [x]) as saved:
+        out = torch.tanh(layer(x)).sum()
+    # linear saves x and the weight (both excluded); tanh saves its (30, 40) output.
+    assert saved.total == 30 * 40 * 8
+    out.backward()  # the graph is intact
+
+
+def test_kept_graphs_are_freed_when_the_block_ends(mlp_problem):
+    model, loader, _, _, _ = mlp_problem
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    with op.frozen():
+        op.apply(rand(op.size))
+        # The loss and the gradients hold the graphs; nothing else refers to them.
+        held = [weakref.ref(t) for g in op._kept.graphs.values() for t in (g.loss, *g.grads)]
+        assert len(held) == 3 * 7 and all(ref() is not None for ref in held)
+    gc.collect()
+    assert all(ref() is None for ref in held)
+
+
+def test_nested_blocks_keep_the_graphs_until_the_outermost_ends(counted):
+    model, loader, hessian, counter = counted
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    with op.frozen():
+        with op.frozen():
+            op.apply(rand(op.size))
+        assert len(op._kept) == micro_batches(loader)
+        op.apply(rand(op.size, seed=1))
+    assert counter.calls == micro_batches(loader) and len(op._kept) == 0
+
+
+def test_an_error_inside_the_block_frees_the_graphs_and_leaves_the_model_as_it_was(mlp_problem):
+    model, loader, _, _, _ = mlp_problem
+    before = model_snapshot(model)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    with pytest.raises(RuntimeError, match="stop"):
+        with op.frozen():
+            op.apply(rand(op.size))
+            raise RuntimeError("stop")
+    assert len(op._kept) == 0
+    assert_model_unchanged(model, before)
+
+
+def test_nan_vector_inside_the_block_raises_and_the_next_product_is_exact(counted):
+    model, loader, hessian, _ = counted
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    with op.frozen():
+        op.apply(rand(op.size))
+        bad = rand(op.size)
+        bad[3] = float("nan")
+        with pytest.raises(ValueError):
+            op.apply(bad)
+        v = rand(op.size, seed=5)
+        assert close(op.apply(v), hessian @ v)
+
+
+def test_eval_mode_false_with_dropout_keeps_graphs_and_the_same_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 4)).double()
+    x, y = classification_data(num=80)
+    loader = batches(x, y, [50, 30])
+    plain = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False)
+    kept = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False)
+    with kept.frozen():
+        for step in range(3):
+            v = rand(plain.size, seed=step)
+            assert close(kept.apply(v), plain.apply(v))
+        assert len(kept._kept) == 2
+
+
+def test_eval_mode_false_with_batchnorm_keeps_no_graph_and_stays_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4)).double()
+    x, y = classification_data(num=80)
+    loader = batches(x, y, [40, 40])
+    before = model_snapshot(model)
+    plain = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False)
+    frozen = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False)
+    with frozen.frozen():
+        for step in range(2):
+            v = rand(plain.size, seed=step)
+            assert close(frozen.apply(v), plain.apply(v))
+        assert len(frozen._kept) == 0
+    assert_model_unchanged(model, before)
+
+
+def test_solvers_run_frozen_and_match_the_uncached_answer(counted):
+    model, loader, hessian, counter = counted
+    exact = np.sort(np.abs(np.linalg.eigvalsh(hessian.numpy())))[::-1][:3]
+    results = {}
+    for cache in (True, False):
+        counter.calls = 0
+        op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, cache_graphs=cache)
+        result = thick_restart_lanczos(op, 3, tol=1e-8, verbose=False)
+        results[cache] = (np.sort(np.abs(result.eigenvalues))[::-1], op.num_products, counter.calls)
+    np.testing.assert_allclose(results[True][0], exact, rtol=1e-8)
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-10)
+    assert results[True][2] == micro_batches(loader)  # one forward pass per batch for the whole solve
+    assert results[False][2] >= 10 * micro_batches(loader)  # without kept graphs: every product runs the model
+
+
+def test_compute_hessian_eigenthings_every_mode_matches_with_one_forward_pass_per_batch(counted):
+    model, loader, hessian, counter = counted
+    exact = np.sort(np.abs(np.linalg.eigvalsh(hessian.numpy())))[::-1][:2]
+    for mode in ("lanczos", "thick_restart", "block_lanczos", "power_iter"):
+        counter.calls = 0
+        options = {"power_iter_steps": 400, "power_iter_err_threshold": 1e-7} if mode == "power_iter" else {}
+        vals, _ = compute_hessian_eigenthings(
+            model, loader, F.cross_entropy, 2, mode=mode, use_gpu=False, max_possible_gpu_samples=256, verbose=False,
+            **options,
+        )
+        np.testing.assert_allclose(np.sort(np.abs(vals))[::-1], exact, rtol=1e-5, err_msg=mode)
+        assert counter.calls == micro_batches(loader), mode
+
+
+def test_runs_frozen_passes_matrices_through():
+    calls = []
+
+    @runs_frozen
+    def solver(operator, scale=1.0):
+        calls.append(operator)
+        return scale
+
+    matrix = torch.eye(3, dtype=torch.float64)
+    assert solver(matrix, scale=2.0) == 2.0 and calls[-1] is matrix
+    op = MatrixOperator(matrix)
+    assert solver(operator=op) == 1.0 and calls[-1] is op
