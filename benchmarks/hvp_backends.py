@@ -5,7 +5,8 @@ the same data: one gradient (plain autograd), one product by double backward and
 forward-over-reverse, and blocks of b = 8 and 16 vectors (double backward one by one on a shared
 first-order graph, batched double backward, vmapped forward-over-reverse), and prints each as a multiple of
 the gradient's time, per vector. It also says which plan ``backend="auto"`` picks after its
-timed trials.
+timed trials. The "kept" columns are products inside ``Operator.frozen()`` (as every solver runs
+them), which reuse each batch's forward pass and gradient graph: one backward pass per vector.
 
     python benchmarks/hvp_backends.py                 # CPU, torch's default thread count
     python benchmarks/hvp_backends.py --threads 1     # on a shared machine (see below)
@@ -140,9 +141,9 @@ PLANS = [
 
 
 def run(device: torch.device, repeats: int, widths: tuple[int, ...]) -> None:
-    header = ["workload", "params", "grad ms", "db x1", "fwd-rev x1"]
+    header = ["workload", "params", "grad ms", "db x1", "fwd-rev x1", "kept x1"]
     for b in widths:
-        header += [f"{name} b={b}" for name, _, _ in PLANS] + [f"auto b={b}"]
+        header += [f"{name} b={b}" for name, _, _ in PLANS] + [f"auto b={b}", f"kept b={b}", f"kept batched b={b}"]
     rows = []
     for make in (mlp_workload, cnn_workload, gpt_workload):
         name, model, data, criterion = make(device)
@@ -151,19 +152,25 @@ def run(device: torch.device, repeats: int, widths: tuple[int, ...]) -> None:
         grad = gradient_time(model, data, criterion, repeats, device)
         row = [name, f"{n:,}", f"{grad * 1e3:.2f}"]
 
-        def ratio(backend: str, batched: bool, b: int) -> str:
-            op = HVPOperator(model, data, criterion, device=device, backend=backend, batched=batched)
+        def ratio(backend: str, batched: bool, b: int, kept: bool = False) -> str:
+            op = HVPOperator(model, data, criterion, device=device, backend=backend, batched=batched,
+                             cache_graphs=kept)
             block = torch.randn(n, b, generator=torch.Generator().manual_seed(b)).to(device)
-            seconds = median_time(lambda: op.apply_block(block), repeats, device)
+            # Inside frozen() (as in every solver) the first product builds the kept graphs, and
+            # median_time's warm-up call is that product.
+            with op.frozen():
+                seconds = median_time(lambda: op.apply_block(block), repeats, device)
             return f"{seconds / b / grad:.2f}"
 
-        row += [ratio("double_backward", False, 1), ratio("forward_over_reverse", False, 1)]
+        row += [ratio("double_backward", False, 1), ratio("forward_over_reverse", False, 1),
+                ratio("double_backward", False, 1, kept=True)]
         for b in widths:
             row += [ratio(backend, batched, b) for _, backend, batched in PLANS]
             auto = HVPOperator(model, data, criterion, device=device)
             while b not in auto.backend_used:  # its first products of width b are timed trials
                 auto.apply_block(torch.randn(n, b).to(device))
             row.append([label for label, backend, batched in PLANS if (backend, batched) == auto.backend_used[b]][0])
+            row += [ratio("double_backward", False, b, kept=True), ratio("double_backward", True, b, kept=True)]
         rows.append(row)
         print(f"  done: {name}", flush=True)
 

@@ -226,8 +226,11 @@ class SharpnessTracker:
             init = self.eigenvectors
             if init is not None and init.shape[1] != operator.size:
                 init = None
-            outcome = self.solver.solve(operator, self.num_eigenthings, init)
-            extras: dict[str, Any] = builtin_extras(self.hessian, self.builtin_extras, self.trace_products)
+            # One frozen block for the solve and the built-in extras, so that the trace estimate
+            # reuses the graphs the solver's products kept.
+            with self.hessian.frozen():
+                outcome = self.solver.solve(operator, self.num_eigenthings, init)
+                extras: dict[str, Any] = builtin_extras(self.hessian, self.builtin_extras, self.trace_products)
             context = TrackingContext(
                 step, self.model, operator, self.hessian, outcome.eigenvalues, outcome.eigenvectors,
                 self.dataloader, self.criterion,
