@@ -274,7 +274,8 @@ def spectral_density(
                 all_nodes[p, m:] = nodes[-1]  # padding with zero weight keeps min/max meaningful
                 used_steps.append(m)
             del decs
-            bar.update(width * steps - taken[0])
+            if taken[0] < width * steps:  # the steps the group's recurrences did not need
+                bar.update(width * steps - taken[0])
 
     live = all_weights > 0
     lo, hi = float(all_nodes[live].min()), float(all_nodes[live].max())
