@@ -256,15 +256,10 @@ def spectral_density(
             width = min(group, num_probes - begin)
             # Drawn per group: the stream of probes does not depend on how it is split (probes.py).
             starts = draw_probes(op, width, distribution, gen)
-            taken = [0]
-
-            def advance(_: int) -> None:
-                # Every probe of the group counts as stepped, finished or not, so the bar ends at its total.
-                taken[0] += width
-                bar.update(width)
-
+            # Each step moves the bar by the group's width, finished probes included, and the steps
+            # that no probe of the group needed are added at the end: the bar ends at its total.
             decs = lanczos_tridiagonal_batch(op, starts, steps, reorthogonalize=reorthogonalize,
-                                             keep_basis=reorthogonalize, on_step=advance)
+                                             keep_basis=reorthogonalize, on_step=lambda _, w=width: bar.update(w))
             del starts
             for offset, dec in enumerate(decs):
                 p = begin + offset
@@ -273,9 +268,10 @@ def spectral_density(
                 all_nodes[p, :m], all_weights[p, :m] = nodes, weights
                 all_nodes[p, m:] = nodes[-1]  # padding with zero weight keeps min/max meaningful
                 used_steps.append(m)
+            group_steps = max(dec.num_steps for dec in decs)
             del decs
-            if taken[0] < width * steps:  # the steps the group's recurrences did not need
-                bar.update(width * steps - taken[0])
+            if group_steps < steps:
+                bar.update(width * (steps - group_steps))
 
     live = all_weights > 0
     lo, hi = float(all_nodes[live].min()), float(all_nodes[live].max())
