@@ -25,13 +25,15 @@ from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
 from ..operators.base import Operator, as_operator
-from ..solvers.krylov import lanczos_tridiagonal
+from ..solvers.krylov import lanczos_tridiagonal_batch
 from ..utils import check_positive_int, logger, progress
 from .probes import check_distribution, draw_probes, probe_generator
 from .trace import TraceEstimate
 
 # Gaussians are negligible beyond this many widths (exp(-8**2 / 2) ~ 1e-14).
 _TAIL = 8.0
+# Default memory for the Lanczos bases of the probes run together (probes_per_block=None).
+BLOCK_MEMORY_BYTES = 1024**3
 
 
 @dataclass
@@ -145,6 +147,27 @@ def _gauss_quadrature(alphas: Tensor, betas: Tensor) -> tuple[np.ndarray, np.nda
     return nodes, weights / weights.sum()
 
 
+def default_probes_per_block(size: int, num_steps: int, num_probes: int, dtype: torch.dtype,
+                             reorthogonalize: bool = True, budget_bytes: int = BLOCK_MEMORY_BYTES) -> int:
+    """The most probes whose kept Lanczos vectors fit in ``budget_bytes``, between 1 and ``num_probes``.
+
+    A probe keeps its whole basis, ``num_steps * size`` numbers of ``dtype``, when re-orthogonalising,
+    and three vectors (current, previous, next) without.
+    """
+    per_probe = size * (num_steps if reorthogonalize else 3) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(num_probes, budget_bytes // per_probe))
+
+
+def _check_stochastic(op: Operator) -> None:
+    if op.is_stochastic:
+        raise ValueError(
+            "spectral_density needs a deterministic operator, but this one uses a different mini-batch for "
+            "every product, which breaks the Lanczos recurrence. Build it with full_dataset=True; for the "
+            "density of one mini-batch (as PyHessian computes it), pass that single batch as the dataloader, "
+            "e.g. HVPOperator(model, [(x, y)], loss)."
+        )
+
+
 def spectral_density(
     operator: Union[Operator, Tensor, np.ndarray],
     num_probes: int = 10,
@@ -155,18 +178,28 @@ def spectral_density(
     grid_size: int = 4096,
     distribution: str = "rademacher",
     reorthogonalize: bool = True,
+    probes_per_block: Optional[int] = None,
     seed: Optional[int] = 0,
     verbose: bool = True,
 ) -> SpectralDensity:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
-    Costs ``num_probes * num_steps`` products and ``n * num_steps`` numbers of memory for the
-    Lanczos basis (kept for full re-orthogonalisation, which keeps spurious copies of converged
-    eigenvalues out of the quadrature).
+    The probes run in groups of g = ``probes_per_block``: the g Lanczos recurrences of a group are
+    advanced together, every step one block product ``operator.apply_block`` of width g (much
+    cheaper than g single products for Hessian-vector products and on a GPU). Each probe still has
+    its own recurrence, basis and re-orthogonalisation (this is not block Lanczos), so every g
+    gives the same density up to rounding; a probe whose recurrence breaks down leaves its block.
+
+    Cost: at most ``num_probes * num_steps`` products (fewer when recurrences break down early),
+    in ``ceil(num_probes / g) * num_steps`` block products. Memory: the Lanczos bases of a group,
+    ``g * num_steps * n`` numbers (kept for full re-orthogonalisation, which keeps spurious copies
+    of converged eigenvalues out of the quadrature; ``3 * g * n`` without it), plus the products'
+    own.
 
     Args:
-        operator: an :class:`Operator` (e.g. ``HVPOperator``) or a dense symmetric matrix.
-            It must be deterministic (``full_dataset=True`` for a model).
+        operator: an :class:`Operator` (e.g. ``HVPOperator``) or a dense symmetric matrix. It must
+            be deterministic: a stochastic one (a model operator with ``full_dataset=False``) is
+            refused with a ValueError.
         num_probes: P, random start vectors; more probes lower the variance of the bulk.
         num_steps: m, Lanczos steps per probe (capped at n); more steps resolve finer detail.
         sigma: width of the Gaussian smoothing, in eigenvalue units. Default: 0.25% of the
@@ -178,31 +211,40 @@ def spectral_density(
         distribution: start vectors, "rademacher" (default; then ``SpectralDensity.trace()`` is
             exactly Hutchinson's estimate with those vectors) or "gaussian".
         reorthogonalize: full re-orthogonalisation of the Lanczos basis (recommended).
-        seed: seed of the private probe generator (None: fresh randomness).
-        verbose: show a progress bar.
+        probes_per_block: g, probes advanced together (capped at ``num_probes``). None (default):
+            as many as keep the group's bases within 1 GiB (:func:`default_probes_per_block`),
+            at least 1. 1 runs the probes one after another with single products.
+        seed: seed of the private probe generator (None: fresh randomness). The probes are drawn
+            in the same order from it for every g, so a seed gives the same density for every g.
+        verbose: show a progress bar (moved on every Lanczos step).
 
     Returns:
-        A :class:`SpectralDensity` with the grid, the density, the raw Ritz values and weights.
+        A :class:`SpectralDensity` with the grid, the density, the raw Ritz values and weights;
+        ``info`` holds ``num_steps`` (Lanczos steps of each probe), ``distribution`` and
+        ``probes_per_block``.
     """
     op = as_operator(operator)
     num_probes = check_positive_int(num_probes, "num_probes")
     steps = check_positive_int(num_steps, "num_steps")
     grid_size = check_positive_int(grid_size, "grid_size")
     distribution = check_distribution(distribution)
+    if probes_per_block is not None:
+        probes_per_block = check_positive_int(probes_per_block, "probes_per_block")
     if sigma is not None and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive number or None, got {sigma!r}.")
     if grid is not None:
         grid = np.asarray(grid.detach().cpu() if isinstance(grid, Tensor) else grid, dtype=np.float64)
         if grid.ndim != 1 or grid.size < 2 or not np.all(np.diff(grid) > 0) or not np.all(np.isfinite(grid)):
             raise ValueError("grid must be a 1-D increasing array of at least two finite eigenvalue points.")
-    if op.is_stochastic:
-        logger.warning(
-            "spectral_density on a stochastic operator: every Lanczos step would use a different "
-            "mini-batch, which breaks the Lanczos relation. Build the operator with full_dataset=True."
-        )
+    _check_stochastic(op)
     if steps > op.size:
         logger.info("spectral_density: num_steps=%d capped at the operator size n=%d.", steps, op.size)
         steps = op.size
+    if probes_per_block is None:
+        group = default_probes_per_block(op.size, steps, num_probes, op.dtype, reorthogonalize)
+    else:
+        group = min(probes_per_block, num_probes)
+    logger.info("spectral_density: %d probes in blocks of %d.", num_probes, group)
 
     gen = probe_generator(seed)
     first = op.num_products
@@ -210,15 +252,26 @@ def spectral_density(
     all_weights = np.zeros((num_probes, steps))
     used_steps = []
     with progress(total=num_probes * steps, desc="spectral density (SLQ)", verbose=verbose) as bar:
-        for p in range(num_probes):
-            start = draw_probes(op, 1, distribution, gen)[:, 0]
-            dec = lanczos_tridiagonal(op, start, steps, reorthogonalize=reorthogonalize, keep_basis=reorthogonalize)
-            nodes, weights = _gauss_quadrature(dec.alphas, dec.betas)
-            m = nodes.size
-            all_nodes[p, :m], all_weights[p, :m] = nodes, weights
-            all_nodes[p, m:] = nodes[-1]  # padding with zero weight keeps min/max meaningful
-            used_steps.append(m)
-            bar.update(steps)
+        for begin in range(0, num_probes, group):
+            width = min(group, num_probes - begin)
+            # Drawn per group: the stream of probes does not depend on how it is split (probes.py).
+            starts = draw_probes(op, width, distribution, gen)
+            # Each step moves the bar by the group's width, finished probes included, and the steps
+            # that no probe of the group needed are added at the end: the bar ends at its total.
+            decs = lanczos_tridiagonal_batch(op, starts, steps, reorthogonalize=reorthogonalize,
+                                             keep_basis=reorthogonalize, on_step=lambda _, w=width: bar.update(w))
+            del starts
+            for offset, dec in enumerate(decs):
+                p = begin + offset
+                nodes, weights = _gauss_quadrature(dec.alphas, dec.betas)
+                m = nodes.size
+                all_nodes[p, :m], all_weights[p, :m] = nodes, weights
+                all_nodes[p, m:] = nodes[-1]  # padding with zero weight keeps min/max meaningful
+                used_steps.append(m)
+            group_steps = max(dec.num_steps for dec in decs)
+            del decs
+            if group_steps < steps:
+                bar.update(width * (steps - group_steps))
 
     live = all_weights > 0
     lo, hi = float(all_nodes[live].min()), float(all_nodes[live].max())
@@ -235,7 +288,7 @@ def spectral_density(
     density = gaussian_mixture(grid, all_nodes, all_weights, sigma)
     result = SpectralDensity(
         grid, density, all_nodes, all_weights, sigma, op.size, op.num_products - first,
-        info={"num_steps": np.asarray(used_steps), "distribution": distribution},
+        info={"num_steps": np.asarray(used_steps), "distribution": distribution, "probes_per_block": group},
     )
     logger.info("spectral_density: %d probes x %d steps, Ritz values in [%.6g, %.6g].", num_probes, steps, lo, hi)
     return result
