@@ -279,3 +279,19 @@ def test_runs_frozen_passes_matrices_through():
     assert solver(matrix, scale=2.0) == 2.0 and calls[-1] is matrix
     op = MatrixOperator(matrix)
     assert solver(operator=op) == 1.0 and calls[-1] is op
+
+
+def test_spectrum_estimators_run_frozen_with_one_forward_pass_per_batch(counted):
+    from hessian_eigenthings.spectrum.dense import dense_matrix
+    from hessian_eigenthings.spectrum.density import spectral_density
+
+    model, loader, hessian, counter = counted
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    dense = dense_matrix(op, block_size=300, verbose=False)
+    assert close(dense, hessian)
+    assert counter.calls == micro_batches(loader)
+    counter.calls = 0
+    for probes_per_block in (1, 3):
+        density = spectral_density(op, num_probes=3, num_steps=8, probes_per_block=probes_per_block, verbose=False)
+        assert density.num_products == 24
+    assert counter.calls == 2 * micro_batches(loader)

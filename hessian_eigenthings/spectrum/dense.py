@@ -24,7 +24,7 @@ from torch.func import functional_call, jacfwd, jacrev
 
 from ..data import move_to
 from ..model_utils import ParamSpec, common_device, common_dtype, preserved_model_state, select_parameters, unflatten
-from ..operators.base import Operator, as_operator
+from ..operators.base import Operator, as_operator, runs_frozen
 from ..operators.hvp import HVPOperator
 from ..solvers.result import EigenResult, order_by_which
 from ..utils import check_positive_int, check_which, logger, progress
@@ -55,6 +55,7 @@ def check_dense_memory(num_entries: int, dtype: torch.dtype, max_memory_bytes: O
         )
 
 
+@runs_frozen
 def dense_matrix(
     operator: Union[Operator, Tensor, np.ndarray],
     *,

@@ -24,7 +24,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from ..operators.base import Operator, as_operator
+from ..operators.base import Operator, as_operator, runs_frozen
 from ..solvers.krylov import lanczos_tridiagonal_batch
 from ..utils import check_positive_int, logger, progress
 from .probes import check_distribution, draw_probes, probe_generator
@@ -168,6 +168,7 @@ def _check_stochastic(op: Operator) -> None:
         )
 
 
+@runs_frozen
 def spectral_density(
     operator: Union[Operator, Tensor, np.ndarray],
     num_probes: int = 10,
