@@ -295,3 +295,31 @@ def test_spectrum_estimators_run_frozen_with_one_forward_pass_per_batch(counted)
         density = spectral_density(op, num_probes=3, num_steps=8, probes_per_block=probes_per_block, verbose=False)
         assert density.num_products == 24
     assert counter.calls == 2 * micro_batches(loader)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kept_graphs_on_cuda_with_a_device_copy_of_a_cpu_model():
+    model = small_mlp(seed=4)
+    x, y = classification_data(num=300)
+    loader = batches(x, y, [200, 100])
+    hessian = dense_loss_hessian(model, F.cross_entropy, x, y)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=True)  # a CUDA copy of the CPU model
+    assert op.device.type == "cuda" and op._work_model is not model
+    counter = ForwardCounter(op._work_model)
+    try:
+        with op.frozen():
+            for step in range(3):
+                v = rand(op.size, seed=step)
+                assert close(op.apply(v.cuda()).cpu(), hessian @ v)
+                block = rand(op.size, 4, seed=step)
+                assert close(op.apply_block(block.cuda()).cpu(), hessian @ block)
+            assert len(op._kept) == 2
+            with torch.no_grad():  # the user's model changes: the copy is synced, the graphs rebuilt
+                model[0].bias.add_(0.1)
+            changed = dense_loss_hessian(model, F.cross_entropy, x, y)
+            v = rand(op.size, seed=9)
+            assert close(op.apply(v.cuda()).cpu(), changed @ v)
+        assert counter.calls == 2 * 2 and len(op._kept) == 0
+    finally:
+        counter.close()
