@@ -323,3 +323,26 @@ def test_kept_graphs_on_cuda_with_a_device_copy_of_a_cpu_model():
         assert counter.calls == 2 * 2 and len(op._kept) == 0
     finally:
         counter.close()
+
+
+def test_kept_graphs_for_a_parameter_subset_and_an_unused_parameter():
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = small_mlp(seed=2)
+            self.unused = nn.Linear(3, 3, dtype=torch.float64)  # no curvature: zero rows and columns
+
+        def forward(self, inputs):
+            return self.body(inputs)
+
+    model = WithUnused()
+    x, y = classification_data(num=64)
+    loader = batches(x, y, [40, 24])
+    names = ["body.2.weight", "body.4.bias", "unused.weight"]
+    hessian = dense_loss_hessian(model, F.cross_entropy, x, y, names=names)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, params=names)
+    with op.frozen():
+        for step in range(3):
+            block = rand(op.size, 2, seed=step)
+            assert close(op.apply_block(block), hessian @ block)
+        assert len(op._kept) == 2
