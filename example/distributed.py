@@ -16,7 +16,6 @@ For several machines, see the README ("Distributed: several processes and machin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import logging
 import os
@@ -29,17 +28,7 @@ from torch import nn
 
 from hessian_eigenthings import HVPOperator, deflated_power_iteration, lanczos
 from hessian_eigenthings.distributed import get_world_size, is_main_process, shard_indices
-from main import make_mlp  # example/main.py
-
-
-def digits_dataset() -> torch.utils.data.TensorDataset:
-    """The 1797 digits images (8x8, scaled to [0, 1]) and their labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    inputs = torch.tensor(digits.data / 16.0, dtype=torch.float32)
-    targets = torch.tensor(digits.target, dtype=torch.long)
-    return torch.utils.data.TensorDataset(inputs, targets)
+from common import add_training_options, digits_dataset, make_mlp, print_eigenpairs, train  # example/common.py
 
 
 def setup(backend: str, timeout_s: float) -> torch.device:
@@ -54,25 +43,6 @@ def setup(backend: str, timeout_s: float) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
-
-
-def train(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int, device: torch.device) -> float:
-    """A few epochs of Adam on this rank's shard; DDP averages the gradients over the ranks."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    total, count = 0.0, 0
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        # join() lets ranks whose shards give fewer batches finish an epoch early without a hang.
-        with model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext():
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(y)
-                count += len(y)
-    return total / max(count, 1)
 
 
 def solve(operator: HVPOperator, args: argparse.Namespace):
@@ -94,9 +64,7 @@ def main() -> None:
     parser.add_argument("--which", choices=["LM", "LA", "SA"], default="LM")
     parser.add_argument("--tol", type=float, default=1e-6, help="relative residual tolerance")
     parser.add_argument("--power-iter-steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size for training and products")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs before the analysis")
-    parser.add_argument("--width", type=int, default=32, help="hidden width of the MLP")
+    add_training_options(parser, device=False, batch_size=128, epochs=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout in seconds")
     parser.add_argument("--compare", action="store_true",
@@ -147,9 +115,7 @@ def main() -> None:
     if is_main_process():
         print(f"\n{args.mode} on {world} rank(s): {result.num_products} Hessian-vector products over "
               f"{operator.num_samples} samples, {seconds:.2f} s; largest difference between ranks: {spread:.3g}")
-        print(f"{'#':>3} {'eigenvalue':>14} {'||Hv - lv||':>12} {'relative':>10}")
-        for i, (val, res, rel) in enumerate(zip(result.eigenvalues, result.residuals, result.relative_residuals)):
-            print(f"{i:>3} {val:>14.6f} {res:>12.3e} {rel:>10.2e}")
+        print_eigenpairs(result)
 
     if args.compare:
         if is_main_process():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from main import digits_loaders, make_mlp, train  # noqa: E402  (the helpers of example/main.py)
+from common import add_training_options, checked_device, require_positive, train_digits_mlp  # noqa: E402
 
 from hessian_eigenthings import compute_hessian_eigenthings, hessian_density, hessian_trace  # noqa: E402
 
@@ -36,53 +36,40 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=80, help="Lanczos steps per SLQ probe (default 80)")
     parser.add_argument("--trace-products", type=int, default=150, help="Hutch++ product budget (default 150)")
     parser.add_argument("--ggn", action="store_true", help="also draw the Gauss-Newton density on the same axes")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--batch-size", type=int, default=512, help="batch size for training and products")
-    parser.add_argument("--epochs", type=int, default=20, help="training epochs before the analysis")
-    parser.add_argument("--width", type=int, default=32, help="hidden width of the MLP")
+    add_training_options(parser)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: the model is small, and extra threads only add "
                              "overhead, a lot of it on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    for name in ("k", "probes", "steps", "trace_products", "batch_size", "epochs", "width", "threads"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    require_positive(parser, args,
+                     ("k", "probes", "steps", "trace_products", "batch_size", "epochs", "width", "threads"))
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine.")
-    loader = digits_loaders(args.batch_size, args.device)
-    model = make_mlp(args.width).to(device)
-    start = time.perf_counter()
-    loss = train(model, loader, args.epochs, device)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"Trained an MLP with {n} parameters on digits for {args.epochs} epochs "
-          f"({time.perf_counter() - start:.1f} s), training loss {loss:.4f}.")
-    common = dict(use_gpu=device.type == "cuda", device=device, verbose=not args.quiet)
+    device = checked_device(args.device)
+    model, loader, n = train_digits_mlp(args.width, args.epochs, args.batch_size, device, args.seed)
+    options = dict(use_gpu=device.type == "cuda", device=device, verbose=not args.quiet)
     criterion = nn.functional.cross_entropy
 
     start = time.perf_counter()
     top = compute_hessian_eigenthings(model, loader, criterion, num_eigenthings=args.k, mode="lanczos",
-                                      which="LA", **common)
+                                      which="LA", **options)
     print(f"\nTop {args.k} Hessian eigenvalues ({top.num_products} products, {time.perf_counter() - start:.1f} s):")
     for i, (val, rel) in enumerate(zip(top.eigenvalues, top.relative_residuals)):
         print(f"  {i:>2}  {val:12.6f}   (relative residual {rel:.1e})")
 
     start = time.perf_counter()
     trace = hessian_trace(model, loader, criterion, method="hutch++", max_products=args.trace_products,
-                          seed=args.seed, **common)
+                          seed=args.seed, **options)
     low, high = trace.confidence_interval()
     print(f"\nHessian trace (Hutch++, {trace.num_products} products, {time.perf_counter() - start:.1f} s): "
           f"{trace.estimate:.4f} +- {trace.std_error:.4f} (95% interval [{low:.4f}, {high:.4f}])")
 
     start = time.perf_counter()
     density = hessian_density(model, loader, criterion, num_probes=args.probes, num_steps=args.steps,
-                              seed=args.seed, **common)
+                              seed=args.seed, **options)
     lo, hi = density.extremes
     slq_trace = density.trace()
     print(f"\nSpectral density (SLQ, {density.num_products} products, {time.perf_counter() - start:.1f} s): "
@@ -98,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if args.ggn:
         ggn = hessian_density(model, loader, criterion, curvature="ggn", num_probes=args.probes,
-                              num_steps=args.steps, seed=args.seed, sigma=density.sigma, grid=density.grid, **common)
+                              num_steps=args.steps, seed=args.seed, sigma=density.sigma, grid=density.grid, **options)
         print(f"GGN density: Ritz values in [{ggn.extremes[0]:.4f}, {ggn.extremes[1]:.4f}] (PSD)")
         ggn.plot(ax=fig.axes[0], label="Gauss-Newton", show_extremes=False,
                  title=f"Hessian and GGN spectra of a {n}-parameter MLP on digits")

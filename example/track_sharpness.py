@@ -28,7 +28,7 @@ from torch import nn
 
 from hessian_eigenthings import SharpnessTracker, plot_log
 from hessian_eigenthings.utils import progress
-from main import digits_loaders, make_mlp
+from common import checked_device, digits_dataset, make_mlp, require_positive  # example/common.py
 
 LOSSES = ("mse", "ce")
 
@@ -56,7 +56,7 @@ def half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 def make_problem(loss: str, device: torch.device, samples: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, Callable]:
     """The digits training set (all 1797, or the first ``samples``) on ``device`` as (inputs, targets, criterion)."""
-    inputs, labels = digits_loaders(batch_size=2048, device=str(device)).dataset.tensors
+    inputs, labels = digits_dataset().tensors
     inputs, labels = inputs[:samples], labels[:samples]
     if loss == "mse":
         return inputs.to(device), nn.functional.one_hot(labels, 10).float().to(device), half_squared_error
@@ -86,9 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    for name in ("steps", "every", "k", "width", "threads", "samples"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    require_positive(parser, args, ("steps", "every", "k", "width", "threads", "samples"))
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     return args
@@ -97,9 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> SharpnessTracker:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine.")
+    device = checked_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

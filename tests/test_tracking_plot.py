@@ -50,7 +50,7 @@ def test_missing_matplotlib_gives_the_install_command(monkeypatch):
 
 
 def load_example():
-    sys.path.insert(0, os.path.dirname(EXAMPLE))  # the script imports helpers from example/main.py
+    sys.path.insert(0, os.path.dirname(EXAMPLE))  # the script imports helpers from example/common.py
     try:
         spec = importlib.util.spec_from_file_location("track_sharpness_example", EXAMPLE)
         module = importlib.util.module_from_spec(spec)

@@ -23,8 +23,7 @@ from torch import Tensor
 from ..operators.base import Operator, as_operator
 from ..solvers.result import ConvergenceWarning
 from ..utils import check_positive_int, logger, progress, user_stacklevel
-from .probes import check_deterministic, check_distribution, draw_probes, probe_generator, unit_blocks
-from .trace import _check_stopping
+from .probes import check_deterministic, check_probe_arguments, unit_blocks
 
 
 @dataclass
@@ -89,21 +88,19 @@ def hutchinson_diagonal(
         and the budget ran out first.
     """
     op = as_operator(operator)
-    max_products, min_probes, block_size = _check_stopping(max_products, tol, rtol, min_probes, block_size)
-    distribution = check_distribution(distribution)
-    adaptive = tol is not None or rtol is not None
-    gen = probe_generator(seed)
+    settings = check_probe_arguments(max_products, tol, rtol, min_probes, block_size, distribution, seed)
+    max_products, adaptive = settings.max_products, settings.adaptive
     first = op.num_products
     stat_dtype = torch.float64 if op.device.type != "mps" else torch.float32
     moments = _BlockMoments(op.size, stat_dtype, op.device, clustered=op.is_stochastic)
     met = not adaptive
     with progress(total=max_products, desc="diagonal (Hutchinson)", verbose=verbose) as bar:
         while moments.count < max_products:
-            b = min(block_size, max_products - moments.count)
-            probes = draw_probes(op, b, distribution, gen)
+            b = min(settings.block_size, max_products - moments.count)
+            probes = settings.draw(op, b)
             moments.add((probes * op.apply_block(probes)).to(stat_dtype))
             bar.update(b)
-            if adaptive and moments.count >= min_probes:
+            if adaptive and moments.count >= settings.min_probes:
                 se = moments.std_error()
                 ok_abs = tol is not None and bool(se.max() <= tol)
                 ok_rel = rtol is not None and bool(
@@ -115,7 +112,7 @@ def hutchinson_diagonal(
     mean, se, count = moments.mean, moments.std_error(), moments.count
     result = DiagonalEstimate(
         mean.to(op.dtype), se.to(op.dtype), op.num_products - first, count, "hutchinson", met,
-        info={"distribution": distribution, "clustered": op.is_stochastic},
+        info={"distribution": settings.distribution, "clustered": op.is_stochastic},
     )
     if not met:
         warnings.warn(

@@ -8,13 +8,14 @@ same seed gives the same probes whether they are drawn one at a time or sixteen 
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import math
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ..operators.base import Operator
-from ..utils import private_generator
+from ..utils import check_positive_int, private_generator
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -33,6 +34,53 @@ def probe_generator(seed: Optional[int]) -> torch.Generator:
     """A private CPU generator; ``seed=None`` seeds it from fresh OS entropy (the same on every rank
     under torch.distributed)."""
     return private_generator(seed)
+
+
+class ProbeSettings(NamedTuple):
+    """The checked arguments of a stochastic estimator (see :func:`check_probe_arguments`)."""
+
+    max_products: int
+    tol: Optional[float]
+    rtol: Optional[float]
+    min_probes: int
+    block_size: int
+    distribution: str
+    generator: torch.Generator
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether a tolerance was asked for, so that the estimator may stop before the budget."""
+        return self.tol is not None or self.rtol is not None
+
+    def draw(self, operator: Operator, count: int) -> Tensor:
+        """The next (n, count) probes of this estimator's stream (see :func:`draw_probes`)."""
+        return draw_probes(operator, count, self.distribution, self.generator)
+
+
+def check_probe_arguments(
+    max_products: Any,
+    tol: Any,
+    rtol: Any,
+    min_probes: Any,
+    block_size: Any,
+    distribution: Any,
+    seed: Optional[int],
+) -> ProbeSettings:
+    """Check the arguments that every stochastic estimator (Hutchinson and Hutch++ trace, Hutchinson
+    diagonal) shares, and make its private probe generator from ``seed``.
+
+    Raises a TypeError/ValueError that names the public argument and says what it accepts, before
+    any product is spent. ``tol`` and ``rtol`` are returned as given (None or a positive number).
+    Under torch.distributed with ``seed=None`` every rank must call this (see :func:`probe_generator`).
+    """
+    max_products = check_positive_int(max_products, "max_products")
+    min_probes = check_positive_int(min_probes, "min_probes")
+    block_size = check_positive_int(block_size, "block_size")
+    for name, value in (("tol", tol), ("rtol", rtol)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
+    distribution = check_distribution(distribution)
+    return ProbeSettings(max_products, tol, rtol, min_probes, block_size, distribution, probe_generator(seed))
 
 
 def draw_probes(operator: Operator, count: int, distribution: str, gen: torch.Generator) -> Tensor:

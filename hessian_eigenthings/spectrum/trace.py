@@ -36,7 +36,7 @@ from torch import Tensor
 from ..operators.base import Operator, as_operator
 from ..solvers.result import ConvergenceWarning
 from ..utils import check_positive_int, logger, progress, user_stacklevel
-from .probes import check_distribution, draw_probes, probe_generator
+from .probes import ProbeSettings, check_probe_arguments
 
 
 @dataclass
@@ -75,16 +75,6 @@ class TraceEstimate:
         return (self.estimate - z * self.std_error, self.estimate + z * self.std_error)
 
 
-def _check_stopping(max_products: Any, tol: Any, rtol: Any, min_probes: Any, block_size: Any) -> tuple:
-    max_products = check_positive_int(max_products, "max_products")
-    min_probes = check_positive_int(min_probes, "min_probes")
-    block_size = check_positive_int(block_size, "block_size")
-    for name, value in (("tol", tol), ("rtol", rtol)):
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
-    return max_products, min_probes, block_size
-
-
 def _sample_stats(blocks: list[np.ndarray], clustered: bool = False) -> tuple[float, float]:
     """(mean, standard error of the mean) of the samples, which came in ``blocks`` (one product each).
 
@@ -113,28 +103,26 @@ def _hutchinson_loop(
     budget: int,
     make_probes: Callable[[int], Tensor],
     offset: float,
-    tol: Optional[float],
-    rtol: Optional[float],
-    min_probes: int,
-    block_size: int,
+    settings: ProbeSettings,
     bar: Any,
 ) -> tuple[list[np.ndarray], bool]:
-    """Run Hutchinson probes ``z^T A z`` in blocks until the standard error of ``offset + mean``
-    is at most ``max(tol, rtol * |offset + mean|)`` (after ``min_probes``) or ``budget`` probes.
+    """Run Hutchinson probes ``z^T A z`` in blocks of ``settings.block_size`` until the standard error
+    of ``offset + mean`` is at most ``max(tol, rtol * |offset + mean|)`` (after ``min_probes``) or
+    ``budget`` probes.
 
     Returns the float64 samples of each block product and whether a requested tolerance was met.
     """
-    adaptive = tol is not None or rtol is not None
+    tol, rtol, adaptive = settings.tol, settings.rtol, settings.adaptive
     blocks: list[np.ndarray] = []
     done = 0
     while done < budget:
-        count = min(block_size, budget - done)
+        count = min(settings.block_size, budget - done)
         probes = make_probes(count)
         values = (probes * operator.apply_block(probes)).sum(dim=0)
         blocks.append(values.detach().to("cpu", torch.float64).numpy())
         done += count
         bar.update(count)
-        if adaptive and done >= min_probes:
+        if adaptive and done >= settings.min_probes:
             mean, se = _sample_stats(blocks, operator.is_stochastic)
             target = max(tol or 0.0, (rtol or 0.0) * abs(offset + mean))
             bar.set_postfix(estimate=f"{offset + mean:.4g}", std_error=f"{se:.2g}")
@@ -191,20 +179,15 @@ def hutchinson_trace(
         the budget ran out first.
     """
     op = as_operator(operator)
-    max_products, min_probes, block_size = _check_stopping(max_products, tol, rtol, min_probes, block_size)
-    distribution = check_distribution(distribution)
-    gen = probe_generator(seed)
+    settings = check_probe_arguments(max_products, tol, rtol, min_probes, block_size, distribution, seed)
     first = op.num_products
-    with progress(total=max_products, desc="trace (Hutchinson)", verbose=verbose) as bar:
-        blocks, met = _hutchinson_loop(
-            op, max_products, lambda b: draw_probes(op, b, distribution, gen), 0.0, tol, rtol,
-            min_probes, block_size, bar,
-        )
+    with progress(total=settings.max_products, desc="trace (Hutchinson)", verbose=verbose) as bar:
+        blocks, met = _hutchinson_loop(op, settings.max_products, lambda b: settings.draw(op, b), 0.0, settings, bar)
     mean, se = _sample_stats(blocks, op.is_stochastic)
     samples = np.concatenate(blocks)
     result = TraceEstimate(
         mean, se, op.num_products - first, samples.size, "hutchinson", met, samples,
-        info={"distribution": distribution, "clustered": op.is_stochastic},
+        info={"distribution": settings.distribution, "clustered": op.is_stochastic},
     )
     if not met:
         _warn_budget("hutchinson_trace", result, tol, rtol)
@@ -255,11 +238,11 @@ def hutchpp_trace(
             "whose mini-batch noise its standard error cannot see. Build the operator with full_dataset=True, "
             "or use hutchinson_trace, whose standard error includes the mini-batch noise."
         )
-    max_products, min_probes, block_size = _check_stopping(max_products, tol, rtol, min_probes, block_size)
-    distribution = check_distribution(distribution)
+    settings = check_probe_arguments(max_products, tol, rtol, min_probes, block_size, distribution, seed)
+    max_products = settings.max_products
     n = op.size
     if sketch_size is None:
-        s = max_products // 3 if tol is None and rtol is None else min(max_products // 3, 32)
+        s = min(max_products // 3, 32) if settings.adaptive else max_products // 3
     else:
         s = check_positive_int(sketch_size, "sketch_size")
     s = max(1, min(s, n))
@@ -269,33 +252,30 @@ def hutchpp_trace(
             f"(2 * sketch_size = {2 * s} products); raise max_products to at least {2 * s + 2} or "
             f"lower sketch_size."
         )
-    gen = probe_generator(seed)
     first = op.num_products
     total = 2 * s if s == n else max_products
     with progress(total=total, desc="trace (Hutch++)", verbose=verbose) as bar:
-        sketch = draw_probes(op, s, distribution, gen)
+        sketch = settings.draw(op, s)
         basis, _ = torch.linalg.qr(op.apply_block(sketch))
         bar.update(s)
         exact_part = float(torch.einsum("ij,ij->", basis, op.apply_block(basis)).double())
         bar.update(s)
 
         def deflated_probes(count: int) -> Tensor:
-            probes = draw_probes(op, count, distribution, gen)
+            probes = settings.draw(op, count)
             return probes - basis @ (basis.T @ probes)
 
         if s == n:  # Q spans the whole space: the trace is exact
             blocks, met = [], True
         else:
-            blocks, met = _hutchinson_loop(
-                op, max_products - 2 * s, deflated_probes, exact_part, tol, rtol, min_probes, block_size, bar
-            )
+            blocks, met = _hutchinson_loop(op, max_products - 2 * s, deflated_probes, exact_part, settings, bar)
     mean, se = _sample_stats(blocks)
     samples = np.concatenate(blocks) if blocks else np.zeros(0)
     if s == n:
         se = 0.0
     result = TraceEstimate(
         exact_part + mean, se, op.num_products - first, samples.size, "hutch++", met, samples,
-        info={"exact_part": exact_part, "sketch_size": s, "distribution": distribution},
+        info={"exact_part": exact_part, "sketch_size": s, "distribution": settings.distribution},
     )
     if not met:
         _warn_budget("hutchpp_trace", result, tol, rtol)
