@@ -283,6 +283,8 @@ def test_runs_frozen_passes_matrices_through():
 
 def test_spectrum_estimators_run_frozen_with_one_forward_pass_per_batch(counted):
     from hessian_eigenthings.spectrum.dense import dense_matrix
+    from hessian_eigenthings.spectrum.diagonal import exact_diagonal
+    from hessian_eigenthings.spectrum.trace import hutchinson_trace, hutchpp_trace
     from hessian_eigenthings.spectrum.density import spectral_density
 
     model, loader, hessian, counter = counted
@@ -295,6 +297,13 @@ def test_spectrum_estimators_run_frozen_with_one_forward_pass_per_batch(counted)
         density = spectral_density(op, num_probes=3, num_steps=8, probes_per_block=probes_per_block, verbose=False)
         assert density.num_products == 24
     assert counter.calls == 2 * micro_batches(loader)
+    counter.calls = 0
+    trace = hutchinson_trace(op, max_products=48, verbose=False)
+    assert abs(trace.estimate - float(torch.trace(hessian))) < 5 * trace.std_error
+    hutchpp_trace(op, max_products=48, verbose=False)
+    diagonal = exact_diagonal(op, block_size=500, verbose=False)
+    assert close(torch.as_tensor(diagonal.diagonal), torch.diagonal(hessian))
+    assert counter.calls == 3 * micro_batches(loader)
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..operators.base import Operator, as_operator
+from ..operators.base import Operator, as_operator, runs_frozen
 from ..solvers.result import ConvergenceWarning
 from ..utils import check_positive_int, logger, progress, user_stacklevel
 from .probes import check_deterministic, check_probe_arguments, unit_blocks
@@ -55,6 +55,7 @@ class DiagonalEstimate:
         return float(self.diagonal.double().sum())
 
 
+@runs_frozen
 def hutchinson_diagonal(
     operator: Union[Operator, Tensor, np.ndarray],
     max_products: int = 100,
@@ -181,6 +182,7 @@ class _BlockMoments:
         return torch.sqrt(spread * (self.blocks / (self.blocks - 1))) / self.count
 
 
+@runs_frozen
 def exact_diagonal(
     operator: Union[Operator, Tensor, np.ndarray],
     *,

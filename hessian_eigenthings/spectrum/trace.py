@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..operators.base import Operator, as_operator
+from ..operators.base import Operator, as_operator, runs_frozen
 from ..solvers.result import ConvergenceWarning
 from ..utils import check_positive_int, logger, progress, user_stacklevel
 from .probes import ProbeSettings, check_probe_arguments
@@ -144,6 +144,7 @@ def _warn_budget(method: str, result: TraceEstimate, tol: Optional[float], rtol:
     )
 
 
+@runs_frozen
 def hutchinson_trace(
     operator: Union[Operator, Tensor, np.ndarray],
     max_products: int = 100,
@@ -195,6 +196,7 @@ def hutchinson_trace(
     return result
 
 
+@runs_frozen
 def hutchpp_trace(
     operator: Union[Operator, Tensor, np.ndarray],
     max_products: int = 102,
