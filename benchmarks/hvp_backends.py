@@ -12,7 +12,8 @@ them), which reuse each batch's forward pass and gradient graph: one backward pa
     python benchmarks/hvp_backends.py --threads 1     # on a shared machine (see below)
     python benchmarks/hvp_backends.py --device cuda
 
-Times are medians over ``--repeats`` runs after one warm-up. On a machine shared with other
+Each entry is the median over ``--repeats`` of (product time / gradient time), the two timed back
+to back after one warm-up, so that drift of a shared machine between entries cancels. On a machine shared with other
 jobs, several OpenMP threads per process spin against each other and distort every number
 (a 1 ms gradient can take 400 ms); ``--threads 1`` gives stable ratios there.
 """
@@ -97,23 +98,31 @@ def gpt_workload(device: torch.device) -> tuple[str, nn.Module, list, Callable]:
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
-    fn()  # warm-up
-    times = []
+
+def paired_ratio(product: Callable[[], object], gradient: Callable[[], object], repeats: int,
+                 device: torch.device) -> float:
+    """Median over ``repeats`` of (time of one product) / (time of one gradient), each pair timed
+    back to back after one warm-up of each, so that a machine getting slower or faster between
+    entries (a shared CPU) changes both alike."""
+    product()
+    gradient()
+    ratios = []
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        seconds_gradient = timed(gradient, device)
+        ratios.append(timed(product, device) / seconds_gradient)
+    return statistics.median(ratios)
 
 
-def gradient_time(model: nn.Module, data: list, criterion: Callable, repeats: int, device: torch.device) -> float:
+def gradient_fn(model: nn.Module, data: list, criterion: Callable, device: torch.device) -> Callable[[], object]:
     """One full-dataset gradient, computed like the products: per batch, weighted by its size."""
     params = [p for p in model.parameters() if p.requires_grad]
     data = [(x.to(device), y.to(device)) for x, y in data]
@@ -127,8 +136,7 @@ def gradient_time(model: nn.Module, data: list, criterion: Callable, repeats: in
                 a.add_(g, alpha=len(y) / total)
         return acc
 
-    model.eval()
-    return median_time(gradient, repeats, device)
+    return gradient
 
 
 # Blocks: forward-over-reverse one vector at a time re-runs the forward pass per vector and is
@@ -149,24 +157,28 @@ def run(device: torch.device, repeats: int, widths: tuple[int, ...]) -> None:
         name, model, data, criterion = make(device)
         model = model.to(device)
         n = sum(p.numel() for p in model.parameters())
-        grad = gradient_time(model, data, criterion, repeats, device)
+        model.eval()
+        # The products use the batches as they are, like the gradient (no smaller micro-batches).
+        largest = max(len(y) for _, y in data)
+        gradient = gradient_fn(model, data, criterion, device)
+        grad = statistics.median(timed(gradient, device) for _ in range(repeats))
         row = [name, f"{n:,}", f"{grad * 1e3:.2f}"]
 
         def ratio(backend: str, batched: bool, b: int, kept: bool = False) -> str:
             op = HVPOperator(model, data, criterion, device=device, backend=backend, batched=batched,
-                             cache_graphs=kept)
+                             cache_graphs=kept, max_possible_gpu_samples=largest)
             block = torch.randn(n, b, generator=torch.Generator().manual_seed(b)).to(device)
             # Inside frozen() (as in every solver) the first product builds the kept graphs, and
-            # median_time's warm-up call is that product.
+            # paired_ratio's warm-up call is that product.
             with op.frozen():
-                seconds = median_time(lambda: op.apply_block(block), repeats, device)
-            return f"{seconds / b / grad:.2f}"
+                ratio_per_product = paired_ratio(lambda: op.apply_block(block), gradient, repeats, device)
+            return f"{ratio_per_product / b:.2f}"
 
         row += [ratio("double_backward", False, 1), ratio("forward_over_reverse", False, 1),
                 ratio("double_backward", False, 1, kept=True)]
         for b in widths:
             row += [ratio(backend, batched, b) for _, backend, batched in PLANS]
-            auto = HVPOperator(model, data, criterion, device=device)
+            auto = HVPOperator(model, data, criterion, device=device, max_possible_gpu_samples=largest)
             while b not in auto.backend_used:  # its first products of width b are timed trials
                 auto.apply_block(torch.randn(n, b).to(device))
             row.append([label for label, backend, batched in PLANS if (backend, batched) == auto.backend_used[b]][0])
@@ -175,7 +187,7 @@ def run(device: torch.device, repeats: int, widths: tuple[int, ...]) -> None:
         print(f"  done: {name}", flush=True)
 
     print(f"\nCost of one product per vector, as a multiple of one gradient ({device}, "
-          f"{torch.get_num_threads()} thread(s), float32, median of {repeats}):\n")
+          f"{torch.get_num_threads()} thread(s), float32, median of {repeats} paired ratios):\n")
     widths_col = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths_col)))
     print("-|-".join("-" * w for w in widths_col))
@@ -187,7 +199,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per entry (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed pairs per entry (median ratio reported)")
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16], help="block widths b")
     args = parser.parse_args()
     if args.threads:
