@@ -4,7 +4,7 @@ A Hessian-vector product by double backward costs a forward pass, a backward pas
 the gradient's graph, and a backward pass through that graph. Only the last one depends on the
 vector: while the model and the data are fixed (inside :meth:`Operator.frozen`, which every
 solver and estimator of this package enters), the first two can be done once per micro-batch and
-their graph reused, which makes a product about 1.5-2x cheaper (benchmarks/hvp_backends.py).
+their graph reused, which makes a product 1.5-1.7x cheaper on the CPU benchmarks (benchmarks/hvp_backends.py).
 
 The graphs hold every tensor the two backward passes need (activations and their derivatives),
 so they are kept only within a memory budget, measured while they are built.

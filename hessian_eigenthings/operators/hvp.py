@@ -78,7 +78,7 @@ class HVPOperator(ModelOperator):
         cache_graphs: True (default): inside :meth:`frozen` (every solver and estimator of this
             package enters it), keep each micro-batch's forward pass and gradient graph after the
             first product and reuse it, so that a later product is one backward pass through that
-            graph instead of a forward and two backward passes (about 1.5-2x faster; exact, the
+            graph instead of a forward and two backward passes (1.5-1.7x faster on a CPU; exact, the
             same numbers up to rounding). Only with ``full_dataset=True``, the batches kept on the
             device (``cache_batches``), a double-backward product, and not with ``eval_mode=False``
             on a model with buffers (whose restoring would invalidate the graphs). The graphs are
