@@ -85,7 +85,7 @@ class HVPOperator(ModelOperator):
             freed when the outermost ``frozen()`` block ends; they are rebuilt if a parameter or
             buffer is changed in place within it.
         graph_cache_max_bytes: memory the kept graphs may take (counted as they are built: the
-            tensors autograd saves, less parameters and inputs). Micro-batches beyond it are
+            tensors autograd saves, less parameters and inputs, plus the gradients). Micro-batches beyond it are
             computed afresh in every product. Default: 2 GiB on a CPU, 40% of the free memory of a
             GPU (read when the first graph is built in a ``frozen()`` block).
         precision: ``"exact"`` (default: the parameters' dtype, TF32 off during products, the
@@ -271,7 +271,9 @@ class HVPOperator(ModelOperator):
             self._graph_budget = self.graph_cache_max_bytes or default_graph_budget(self.device)
         with counting_saved_bytes(list(self._params) + tensors_in((inputs, targets))) as saved:
             graph = first_order_graph(lambda: self._loss(inputs, targets, label), self._params)
-        kept = self._kept.add(position, graph, saved.total, self._graph_budget)
+        # The gradients themselves are outputs, not saved tensors: n numbers per micro-batch.
+        size = saved.total + sum(g.numel() * g.element_size() for g in graph.grads)
+        kept = self._kept.add(position, graph, size, self._graph_budget)
         if not kept:
             logger.info(
                 "HVPOperator: the graphs of %d micro-batch(es) fill graph_cache_max_bytes=%d bytes; the "
