@@ -355,3 +355,53 @@ def test_kept_graphs_for_a_parameter_subset_and_an_unused_parameter():
             block = rand(op.size, 2, seed=step)
             assert close(op.apply_block(block), hessian @ block)
         assert len(op._kept) == 2
+
+
+def test_a_failing_vmapped_second_backward_falls_back_on_the_kept_graph(counted, monkeypatch, caplog):
+    import logging
+
+    import hessian_eigenthings.operators.hvp as hvp_module
+
+    real = hvp_module.second_backward
+
+    def no_vmap(graph, params, tangents, batched, keep):
+        if batched:
+            raise RuntimeError("vmap: no batching rule for this op (simulated)")
+        return real(graph, params, tangents, batched, keep)
+
+    monkeypatch.setattr(hvp_module, "second_backward", no_vmap)
+    model, loader, hessian, counter = counted
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, batched=True)
+    with caplog.at_level(logging.INFO, logger="hessian_eigenthings"), op.frozen():
+        for step in range(3):
+            block = rand(op.size, 4, seed=step)
+            assert close(op.apply_block(block), hessian @ block)
+    assert counter.calls == micro_batches(loader)  # the kept graphs survived the failed attempt
+    assert op.kept_graph_plan[4] == ("double_backward", False)
+    assert len([r for r in caplog.records if "does not work for this model" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("per_sample", ["vmap", "loop"])
+def test_ggn_and_empirical_fisher_keep_their_work_and_stay_exact(mlp_problem, per_sample):
+    from hessian_eigenthings import EmpiricalFisherOperator, GGNOperator
+
+    model, loader, _, _, _ = mlp_problem
+    for make in (lambda **kw: GGNOperator(model, loader, F.cross_entropy, use_gpu=False, **kw),
+                 lambda **kw: EmpiricalFisherOperator(model, loader, F.cross_entropy, use_gpu=False,
+                                                      per_sample=per_sample, **kw)):
+        reference = make(cache_graphs=False)
+        op = make()
+        counter = ForwardCounter(model)
+        try:
+            with op.frozen():
+                for step in range(3):
+                    block = rand(op.size, 3, seed=step)
+                    assert close(op.apply_block(block), reference.apply_block(block))
+                    v = rand(op.size, seed=20 + step)
+                    assert close(op.apply(v), reference.apply(v))
+                assert len(op._kept) == micro_batches(loader)
+            # The reference ran the model in each of its 6 products; the kept operator only in its first.
+            per_pass = counter.calls // 7
+            assert per_pass > 0 and counter.calls == 7 * per_pass and len(op._kept) == 0
+        finally:
+            counter.close()

@@ -17,7 +17,7 @@ solver and estimator of the package works on them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,27 @@ def _float_leaves(out: Any) -> list[Tensor]:
     return []
 
 
+class _GGNGraph(NamedTuple):
+    """A micro-batch's forward pass and the graphs its GGN products differentiate.
+
+    ``leaves`` are the model's floating outputs; ``loss_grads`` dl/df with a graph (``curved``:
+    those that depend on the outputs); ``jt_u`` is J^T u for the zero ``dummies`` u, with a graph
+    (``live``: the parameters it reaches). Empty ``live`` or ``curved`` means G = 0 here.
+    """
+
+    loss: Tensor
+    leaves: list
+    loss_grads: tuple
+    curved: list
+    dummies: list
+    jt_u: tuple
+    live: list
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
 class GGNOperator(ModelOperator):
     """The generalized Gauss-Newton matrix ``J^T H_out J`` of ``criterion(model(inputs), targets)``.
 
@@ -51,32 +72,47 @@ class GGNOperator(ModelOperator):
     Models may return a tensor or a tuple/list/dict of tensors; ``criterion`` receives that
     output as it is, and ``H_out`` couples all of its floating entries. Arguments are those of
     :class:`HVPOperator` (``params=`` restricts ``G`` to a parameter block, which is the
-    corresponding block of the full ``G``).
+    corresponding block of the full ``G``). With ``cache_graphs`` (default), inside
+    :meth:`frozen` the forward pass and the graphs of dl/df and J^T u are kept per micro-batch,
+    so later products are three backward passes through them.
     """
 
-    def _chunk_products(
-        self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
-    ) -> tuple[Tensor, Tensor]:
-        """Mean loss of one micro-batch and its GGN times every column, shape (n, b)."""
+    def _graphs(self, inputs: Any, targets: Any, label: str) -> _GGNGraph:
+        """The forward pass of one micro-batch and the two first-order graphs of its products."""
         with autocast_context(self.precision, self.device):
             outputs = call_model(self._work_model, inputs)
             loss = self.criterion(outputs, targets)
         self._check_loss(loss, label)
-        out = torch.zeros(self.size, len(columns), dtype=self.dtype, device=self.device)
         leaves = [t for t in _float_leaves(outputs) if t.requires_grad]
         if not leaves:
-            return loss, out
+            return _GGNGraph(loss, [], (), [], [], (), [])
         # dl/df with its graph, so that a second differentiation gives H_out times a vector.
         loss_grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         curved = [i for i, g in enumerate(loss_grads) if g is not None and g.requires_grad]
         if not curved:  # the loss is linear in the outputs: H_out = 0
-            return loss, out
+            return _GGNGraph(loss, leaves, loss_grads, [], [], (), [])
         # J^T u for a dummy u: differentiating it w.r.t. u along v gives J v (forward mode
         # through reverse mode), with nothing but ordinary autograd.
         dummies = [torch.zeros_like(t, requires_grad=True) for t in leaves]
         jt_u = torch.autograd.grad(leaves, self._params, grad_outputs=dummies, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
-        if not live:
+        return _GGNGraph(loss, leaves, loss_grads, curved, dummies, jt_u, live)
+
+    def _chunk_products(
+        self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
+    ) -> tuple[Tensor, Tensor]:
+        """Mean loss of one micro-batch and its GGN times every column, shape (n, b)."""
+        if self._reusing:  # inside frozen(): the graphs are built once and kept (see cache_graphs)
+            graph, _ = self._kept_or_built(
+                lambda: self._graphs(inputs, targets, label),
+                lambda g: _tensor_bytes([*g.leaves, *g.loss_grads, *g.dummies, *g.jt_u]),
+                inputs, targets,
+            )
+        else:
+            graph = self._graphs(inputs, targets, label)
+        loss, leaves, loss_grads, curved, dummies, jt_u, live = graph
+        out = torch.zeros(self.size, len(columns), dtype=self.dtype, device=self.device)
+        if not curved or not live:
             return loss, out
         if self._batched is not False:
             try:
@@ -92,7 +128,6 @@ class GGNOperator(ModelOperator):
         for j, pieces in enumerate(columns):
             self._column_product(leaves, loss_grads, curved, dummies, jt_u, live, pieces, out[:, j])
         return loss, out
-
 
     # None: not tried yet; True/False: whether vmapped backward passes work for this model.
     _batched = None
@@ -153,7 +188,9 @@ class EmpiricalFisherOperator(ModelOperator):
             vectorised pass), "loop" (one backward pass per sample; works for every model), or
             "auto" (default: vmap, falling back to the loop, with a log message, for models that
             ``torch.func`` cannot vectorise).
-        Other arguments: as for :class:`HVPOperator`.
+        Other arguments: as for :class:`HVPOperator`. With ``cache_graphs`` (default), inside
+            :meth:`frozen` each micro-batch's per-sample gradients are kept (B * n numbers,
+            within ``graph_cache_max_bytes``), so later products are two matrix products.
     """
 
     def __init__(self, *args: Any, per_sample: str = "auto", **kwargs: Any) -> None:
@@ -167,6 +204,21 @@ class EmpiricalFisherOperator(ModelOperator):
     ) -> tuple[Tensor, Tensor]:
         """Mean loss of one micro-batch and ``(1/B) G^T (G V)`` for its (B, n) per-sample gradients G."""
         count = num_samples(inputs, targets, 0)
+        if self._reusing:  # inside frozen(): per-sample gradients computed once and kept
+            (grads, losses), _ = self._kept_or_built(
+                lambda: self._per_sample_gradients(inputs, targets, count, label),
+                lambda work: _tensor_bytes(work), inputs, targets,
+                count_saved=False,  # nothing is saved for backward; torch.func refuses the hooks
+            )
+        else:
+            grads, losses = self._per_sample_gradients(inputs, targets, count, label)
+        loss = losses.mean()
+        block = torch.stack([torch.cat([p.reshape(-1) for p in pieces]) for pieces in columns], dim=1)
+        out = grads.T @ (grads @ block.to(grads.dtype)) / count
+        return loss, out.to(self.dtype)
+
+    def _per_sample_gradients(self, inputs: Any, targets: Any, count: int, label: str) -> tuple[Tensor, Tensor]:
+        """The (B, n) per-sample gradients of one micro-batch and the B sample losses."""
         grads, losses = None, None
         if self.per_sample in ("auto", "vmap"):
             try:
@@ -179,10 +231,7 @@ class EmpiricalFisherOperator(ModelOperator):
                 self.per_sample = "loop"
         if grads is None:
             grads, losses = self._per_sample_loop(inputs, targets, count, label)
-        loss = losses.mean()
-        block = torch.stack([torch.cat([p.reshape(-1) for p in pieces]) for pieces in columns], dim=1)
-        out = grads.T @ (grads @ block.to(grads.dtype)) / count
-        return loss, out.to(self.dtype)
+        return grads, losses
 
     def _per_sample_loop(self, inputs: Any, targets: Any, count: int, label: str) -> tuple[Tensor, Tensor]:
         grads = torch.zeros(count, self.size, dtype=self.dtype, device=self.device)

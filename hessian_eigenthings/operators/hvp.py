@@ -8,9 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..data import tensors_in
-from ..utils import check_positive_int, logger
-from .graph_cache import KeptGraphs, counting_saved_bytes, default_graph_budget, model_state_key
+from ..utils import logger
 from .hvp_backends import BACKENDS, double_backward, first_order_graph, forward_over_reverse, second_backward
 from .model_operator import ModelOperator, NonFiniteError  # noqa: F401  (NonFiniteError re-exported)
 
@@ -112,8 +110,6 @@ class HVPOperator(ModelOperator):
         *,
         backend: str = "auto",
         batched: Optional[bool] = None,
-        cache_graphs: bool = True,
-        graph_cache_max_bytes: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
@@ -122,17 +118,11 @@ class HVPOperator(ModelOperator):
             )
         if batched is not None and not isinstance(batched, bool):
             raise TypeError(f"batched must be True, False or None (decide by timing), got {batched!r}.")
-        if not isinstance(cache_graphs, bool):
-            raise TypeError(f"cache_graphs must be True or False, got {cache_graphs!r}.")
-        if graph_cache_max_bytes is not None:
-            check_positive_int(graph_cache_max_bytes, "graph_cache_max_bytes")
         super().__init__(
             model, dataloader, criterion, use_gpu, fp16, full_dataset, max_possible_gpu_samples, **kwargs
         )
         self.backend = backend
         self.batched = batched
-        self.cache_graphs = cache_graphs
-        self.graph_cache_max_bytes = graph_cache_max_bytes
         self.backend_used: dict[int, Plan] = {}
         self.kept_graph_plan: dict[int, Plan] = {}
         self._unsupported: set[Plan] = set()  # plans that cannot run this model
@@ -141,9 +131,6 @@ class HVPOperator(ModelOperator):
         self._trials: dict[tuple[int, bool], list[tuple[Plan, float]]] = {}
         self._plan: Plan = _SAFE  # the plan of the product in progress
         self._tangents: Optional[tuple[list, list[Tensor]]] = None
-        self._kept = KeptGraphs()
-        self._graph_budget: Optional[int] = None  # bytes, fixed when a frozen block builds its first graph
-        self._reusing = False  # the product in progress keeps/reuses first-order graphs
 
     # -- choosing a backend ----------------------------------------------------------------------
     def _candidates(self, b: int) -> list[Plan]:
@@ -203,84 +190,37 @@ class HVPOperator(ModelOperator):
                     ", ".join(f"{_describe(p)} {t * 1e3:.1f} ms" for p, t in best.items()), _describe(winner))
         return winner, False
 
-    def _matmat(self, mat: Tensor) -> Tensor:
+    def _product(self, mat: Tensor) -> Tensor:
         b = mat.shape[1]
-        self._reusing = self._may_keep_graphs()
         self._plan, timed = self._next_plan(b)
         planned, reusing = self._plan, self._reusing
         try:
             if not timed:
-                out = super()._matmat(mat)
-            else:
-                self._sync()
-                start = time.perf_counter()
-                out = super()._matmat(mat)
-                self._sync()
-                if self._plan == planned:  # a trial that fell back measured something else
-                    self._trials.setdefault((b, reusing), []).append((planned, time.perf_counter() - start))
-        except BaseException:
-            self._kept.clear()  # a product that failed half-way may have kept a partial pass
-            raise
+                return super()._product(mat)
+            self._sync()
+            start = time.perf_counter()
+            out = super()._product(mat)
+            self._sync()
+            if self._plan == planned:  # a trial that fell back measured something else
+                self._trials.setdefault((b, reusing), []).append((planned, time.perf_counter() - start))
+            return out
         finally:
             self._tangents = None
-        if self._reusing and not self._cache_complete:
-            # The next product may read other samples at the same positions (the batches did
-            # not stay on the device), so graphs kept by position cannot be matched to them.
-            self._kept.clear()
-        return out
 
-    # -- keeping first-order graphs inside frozen() ------------------------------------------------
-    def _may_keep_graphs(self) -> bool:
-        """Whether this product keeps/reuses first-order graphs (see ``cache_graphs``); drops
-        graphs built for another state of the model."""
-        if not (
-            self._frozen_depth > 0 and self.cache_graphs and self.full_dataset and self.cache_batches
-            and not self._cache_overflowed and self.backend != "forward_over_reverse"
-        ):
-            return False
-        if not self.eval_mode and next(self._work_model.buffers(), None) is not None:
-            return False
-        key = (model_state_key(self.model), self.dropout_seed)
-        if self._kept.key != key:
-            if len(self._kept):
-                logger.info("HVPOperator: the model changed inside frozen(); rebuilding the kept graphs.")
-            self._kept.clear()
-            self._kept.key = key
-        return True
-
-    def _copy_is_stale(self) -> bool:
-        # Kept graphs are valid only for an unchanged model, so the copy is up to date; syncing it
-        # would write into tensors the graphs saved.
-        return not (self._reusing and len(self._kept))
-
-    def _release_kept_work(self) -> None:
-        self._kept.clear()
-        self._graph_budget = None
+    def _keeps_work(self) -> bool:
+        # Only double backward has a first-order graph to keep.
+        return self.backend != "forward_over_reverse"
 
     def _kept_graph_products(self, inputs: Any, targets: Any, tangents: list[Tensor], label: str) -> tuple[Tensor, Tensor]:
         """(loss, (b, n) rows) of one micro-batch from its kept first-order graph, building and
         keeping it first if it fits the budget."""
-        batched = self._plan[1]
-        position = self._chunk_position
-        graph = self._kept.get(position)
-        if graph is not None:
-            return graph.loss, second_backward(graph, self._params, tangents, batched, keep=True)
-        if self._kept.full:
-            return double_backward(lambda: self._loss(inputs, targets, label), self._params, tangents, batched)
-        if self._graph_budget is None:
-            self._graph_budget = self.graph_cache_max_bytes or default_graph_budget(self.device)
-        with counting_saved_bytes(list(self._params) + tensors_in((inputs, targets))) as saved:
-            graph = first_order_graph(lambda: self._loss(inputs, targets, label), self._params)
-        # The gradients themselves are outputs, not saved tensors: n numbers per micro-batch.
-        size = saved.total + sum(g.numel() * g.element_size() for g in graph.grads)
-        kept = self._kept.add(position, graph, size, self._graph_budget)
-        if not kept:
-            logger.info(
-                "HVPOperator: the graphs of %d micro-batch(es) fill graph_cache_max_bytes=%d bytes; the "
-                "others are computed afresh in every product (raise graph_cache_max_bytes to keep more).",
-                len(self._kept), self._graph_budget,
-            )
-        return graph.loss, second_backward(graph, self._params, tangents, batched, keep=kept)
+        graph, kept = self._kept_or_built(
+            lambda: first_order_graph(lambda: self._loss(inputs, targets, label), self._params),
+            # The gradients are outputs, not saved tensors: n numbers per micro-batch.
+            lambda g: sum(t.numel() * t.element_size() for t in g.grads),
+            inputs, targets,
+        )
+        return graph.loss, second_backward(graph, self._params, tangents, self._plan[1], keep=kept)
 
     def _stacked(self, columns: list[list[Tensor]]) -> list[Tensor]:
         """The block's columns as one (b, *p.shape) tensor per parameter (built once per product)."""
@@ -294,9 +234,6 @@ class HVPOperator(ModelOperator):
     ) -> tuple[Tensor, Tensor]:
         """Mean loss of one micro-batch and its Hessian times every column, shape (n, b)."""
         tangents = self._stacked(columns)
-        if self._reusing:
-            loss, rows = self._kept_graph_products(inputs, targets, tangents, label)
-            return loss, rows.T
         rewind = _rng_rewinder(self.device)
         try:
             loss, rows = self._run(self._plan, inputs, targets, tangents, label, rewind)
@@ -315,6 +252,8 @@ class HVPOperator(ModelOperator):
     def _run(self, plan: Plan, inputs: Any, targets: Any, tangents: list[Tensor], label: str,
              rewind: Callable[[], None]) -> tuple[Tensor, Tensor]:
         backend, batched = plan
+        if self._reusing:  # a kept graph survives a failed second backward (it is retained)
+            return self._kept_graph_products(inputs, targets, tangents, label)
         if backend == "double_backward":
             return double_backward(lambda: self._loss(inputs, targets, label), self._params, tangents, batched)
         return forward_over_reverse(

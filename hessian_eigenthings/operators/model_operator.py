@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch
+from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch, tensors_in
 from ..model_utils import (
     ParamSpec,
     common_device,
@@ -26,6 +26,7 @@ from ..model_utils import (
 )
 from ..utils import check_positive_int, logger, resolve_device
 from .base import Operator
+from .graph_cache import KeptGraphs, counting_saved_bytes, default_graph_budget, model_state_key
 from .kernels import math_attention, rnn_without_cudnn
 from .precision import autocast_context, fp32_math, resolve_precision
 
@@ -81,6 +82,8 @@ class ModelOperator(Operator):
         check_finite: bool = True,
         cache_batches: bool = True,
         cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+        cache_graphs: bool = True,
+        graph_cache_max_bytes: Optional[int] = None,
         precision: Optional[str] = None,
     ) -> None:
         model = distributed.unwrap_model(model)
@@ -92,6 +95,12 @@ class ModelOperator(Operator):
         if not isinstance(cache_batches, bool):
             raise TypeError(f"cache_batches must be True or False, got {cache_batches!r}.")
         self.cache_max_bytes = check_positive_int(cache_max_bytes, "cache_max_bytes")
+        if not isinstance(cache_graphs, bool):
+            raise TypeError(f"cache_graphs must be True or False, got {cache_graphs!r}.")
+        if graph_cache_max_bytes is not None:
+            check_positive_int(graph_cache_max_bytes, "graph_cache_max_bytes")
+        self.cache_graphs = cache_graphs
+        self.graph_cache_max_bytes = graph_cache_max_bytes
         model_device = common_device(chosen)
         if device is not None:
             target = resolve_device(device)
@@ -116,6 +125,10 @@ class ModelOperator(Operator):
         self._deferred: Optional[list] = None  # pending NaN/Inf checks inside deferred_checks()
         self._frozen_depth = 0  # nesting depth of frozen() blocks
         self._chunk_position = 0  # position of the micro-batch in progress within its pass
+        # Work of each micro-batch kept between products inside frozen() (see _kept_or_built).
+        self._kept = KeptGraphs()
+        self._graph_budget: Optional[int] = None  # bytes, fixed when a frozen block keeps its first work
+        self._reusing = False  # the product in progress keeps/reuses per-micro-batch work
         self.param_names = names
         self.dropout_seed = 0
         self._batch_iter: Optional[Iterator] = None
@@ -151,6 +164,20 @@ class ModelOperator(Operator):
         return self._matmat(vec.unsqueeze(1)).squeeze(1)
 
     def _matmat(self, mat: Tensor) -> Tensor:
+        self._reusing = self._may_keep_work()
+        try:
+            out = self._product(mat)
+        except BaseException:
+            self._kept.clear()  # a product that failed half-way may have kept part of a pass
+            raise
+        if self._reusing and not self._cache_complete:
+            # The next product may read other samples at the same positions (the batches did
+            # not stay on the device), so work kept by position cannot be matched to them.
+            self._kept.clear()
+        return out
+
+    def _product(self, mat: Tensor) -> Tensor:
+        """The block product over the data: the sample-weighted mean of the micro-batches' products."""
         columns = [unflatten(mat[:, j], self._params) for j in range(mat.shape[1])]
         total = torch.zeros_like(mat)
         seen = 0
@@ -181,7 +208,7 @@ class ModelOperator(Operator):
     def frozen(self) -> Iterator[None]:
         """A block in which the caller promises not to change the model (parameters, buffers, modes)
         nor its data, so that work shared by all products may be kept between them (see
-        :class:`HVPOperator`'s ``cache_graphs``). Nested blocks are one block; what was kept is
+        ``cache_graphs`` of :class:`HVPOperator`). Nested blocks are one block; what was kept is
         freed when the outermost block ends, also on error."""
         self._frozen_depth += 1
         try:
@@ -191,12 +218,75 @@ class ModelOperator(Operator):
             if self._frozen_depth == 0:
                 self._release_kept_work()
 
+    # -- work kept between products inside frozen() ----------------------------------------------
+    def _keeps_work(self) -> bool:
+        """Whether this operator's products can reuse kept per-micro-batch work at all."""
+        return True
+
+    def _may_keep_work(self) -> bool:
+        """Whether this product keeps/reuses per-micro-batch work (see ``cache_graphs``); drops
+        work kept for another state of the model."""
+        if not (
+            self._frozen_depth > 0 and self.cache_graphs and self.full_dataset and self.cache_batches
+            and not self._cache_overflowed and self._keeps_work()
+        ):
+            return False
+        if not self.eval_mode and next(self._work_model.buffers(), None) is not None:
+            # Restoring the buffers after each product writes into tensors the graphs saved.
+            return False
+        key = (model_state_key(self.model), self.dropout_seed)
+        if self._kept.key != key:
+            if len(self._kept):
+                logger.info("%s: the model changed inside frozen(); rebuilding the kept graphs.", type(self).__name__)
+            self._kept.clear()
+            self._kept.key = key
+        return True
+
+    def _kept_or_built(
+        self, build: Callable[[], Any], outputs_bytes: Callable[[Any], int], inputs: Any, targets: Any,
+        count_saved: bool = True,
+    ) -> tuple[Any, bool]:
+        """The kept work of the micro-batch in progress, or ``build()`` it and keep it if it fits
+        ``graph_cache_max_bytes``. Returns (work, whether it is kept).
+
+        Its size is what autograd saved while building it (``count_saved``; parameters and inputs
+        excepted) plus ``outputs_bytes(work)``. Call only while ``self._reusing``.
+        """
+        position = self._chunk_position
+        work = self._kept.get(position)
+        if work is not None:
+            return work, True
+        if self._kept.full:
+            return build(), False
+        if self._graph_budget is None:
+            self._graph_budget = self.graph_cache_max_bytes or default_graph_budget(self.device)
+        if count_saved:
+            with counting_saved_bytes(list(self._params) + tensors_in((inputs, targets))) as saved:
+                work = build()
+            size = saved.total
+        else:
+            work, size = build(), 0
+        kept = self._kept.add(position, work, size + outputs_bytes(work), self._graph_budget)
+        if not kept:
+            logger.info(
+                "%s: the kept work of %d micro-batch(es) fills graph_cache_max_bytes=%d bytes; the others are "
+                "computed afresh in every product (raise graph_cache_max_bytes to keep more).",
+                type(self).__name__, len(self._kept), self._graph_budget,
+            )
+        return work, kept
+
     def _release_kept_work(self) -> None:
-        """Free what products kept inside :meth:`frozen` (nothing, unless a subclass keeps work)."""
+        """Free what products kept inside :meth:`frozen`."""
+        self._kept.clear()
+        self._graph_budget = None
 
     def _copy_is_stale(self) -> bool:
-        """Whether the device copy of the model must be synced from the model before a product."""
-        return True
+        """Whether the device copy of the model must be synced from the model before a product.
+
+        Kept work is valid only for an unchanged model, so the copy is then up to date; syncing it
+        would also write into tensors the kept graphs saved.
+        """
+        return not (self._reusing and len(self._kept))
 
     @contextlib.contextmanager
     def deferred_checks(self) -> Iterator[None]:
