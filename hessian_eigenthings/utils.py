@@ -37,13 +37,27 @@ def private_generator(seed: Optional[int]) -> torch.Generator:
     ``seed=None`` seeds it from fresh OS entropy; under torch.distributed rank 0's seed is then
     broadcast (one collective, so every rank must call this), so every rank draws the same numbers.
     """
+    if seed is not None:
+        seed = check_seed(seed)
     gen = torch.Generator(device="cpu")
     if seed is None:
         fresh = torch.tensor([gen.seed() & (2**62 - 1)], dtype=torch.int64)
         gen.manual_seed(int(broadcast(fresh, src=0)[0]))
     else:
-        gen.manual_seed(int(seed))
+        gen.manual_seed(seed)
     return gen
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int (an integer, or a float with an integral value), or a TypeError saying what to pass."""
+    if isinstance(seed, float) and seed.is_integer():
+        return int(seed)
+    if not isinstance(seed, bool):
+        try:
+            return operator.index(seed)
+        except TypeError:
+            pass
+    raise TypeError(f"seed must be an integer (or None for fresh randomness), got {seed!r} of type {type(seed).__name__}.")
 
 
 def check_positive_int(value: Any, name: str) -> int:

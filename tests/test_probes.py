@@ -146,3 +146,25 @@ def test_the_estimators_draw_the_seeds_stream_in_order():
     assert math.isclose(pp.info["exact_part"], 4.0, rel_tol=1e-12)
     assert torch.allclose(torch.as_tensor(pp.samples), residual.square().sum(dim=0), rtol=1e-12, atol=0)
     assert math.isclose(pp.estimate, 4.0 + float(residual.square().sum(dim=0).mean()), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["abc", 1.5, True, [1]])
+def test_a_seed_that_is_not_an_integer_is_refused_by_name(bad):
+    from hessian_eigenthings import hutchinson_trace, lanczos
+
+    matrix = torch.eye(6, dtype=torch.float64)
+    for call in (lambda: hutchinson_trace(matrix, seed=bad, verbose=False),
+                 lambda: lanczos(matrix, 2, seed=bad, verbose=False)):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            call()
+
+
+def test_integral_float_and_numpy_seeds_are_accepted():
+    import numpy as np
+
+    from hessian_eigenthings import hutchinson_trace
+
+    matrix = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
+    reference = hutchinson_trace(matrix, max_products=8, seed=3, verbose=False).estimate
+    assert hutchinson_trace(matrix, max_products=8, seed=3.0, verbose=False).estimate == reference
+    assert hutchinson_trace(matrix, max_products=8, seed=np.int64(3), verbose=False).estimate == reference
