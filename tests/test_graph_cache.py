@@ -405,3 +405,31 @@ def test_ggn_and_empirical_fisher_keep_their_work_and_stay_exact(mlp_problem, pe
             assert per_pass > 0 and counter.calls == 7 * per_pass and len(op._kept) == 0
         finally:
             counter.close()
+
+
+@pytest.mark.parametrize("where", ["build", "second_backward"])
+def test_out_of_device_memory_with_kept_work_frees_it_and_goes_on_afresh(counted, monkeypatch, caplog, where):
+    import logging
+
+    import hessian_eigenthings.operators.hvp as hvp_module
+
+    real = {"build": hvp_module.first_order_graph, "second_backward": hvp_module.second_backward}[where]
+    calls = {"n": 0}
+
+    def once_out_of_memory(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third micro-batch of the first product, or the first of the second
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hvp_module, "first_order_graph" if where == "build" else "second_backward", once_out_of_memory)
+    model, loader, hessian, counter = counted
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    with caplog.at_level(logging.INFO, logger="hessian_eigenthings"), op.frozen():
+        for step in range(3):
+            v = rand(op.size, seed=step)
+            assert close(op.apply(v), hessian @ v)
+        assert len(op._kept) == 0 and op._kept.full
+    warnings = [r for r in caplog.records if "out of device memory" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert counter.calls > micro_batches(loader)  # computed afresh after giving up

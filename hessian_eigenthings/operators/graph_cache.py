@@ -118,6 +118,12 @@ class KeptGraphs:
         self.bytes += size
         return True
 
+    def give_up(self) -> None:
+        """Free everything kept and keep nothing more in this frozen block (out of memory)."""
+        self.graphs = {}
+        self.bytes = 0
+        self.full = True
+
     def clear(self) -> None:
         self.graphs = {}
         self.bytes = 0

@@ -253,7 +253,13 @@ class HVPOperator(ModelOperator):
              rewind: Callable[[], None]) -> tuple[Tensor, Tensor]:
         backend, batched = plan
         if self._reusing:  # a kept graph survives a failed second backward (it is retained)
-            return self._kept_graph_products(inputs, targets, tangents, label)
+            try:
+                return self._kept_graph_products(inputs, targets, tangents, label)
+            except torch.cuda.OutOfMemoryError:
+                if batched or not len(self._kept):
+                    raise  # a batched plan narrows first (see _mark_unsupported); else nothing to free
+                self._drop_kept_work()
+                return self._kept_graph_products(inputs, targets, tangents, label)
         if backend == "double_backward":
             return double_backward(lambda: self._loss(inputs, targets, label), self._params, tangents, batched)
         return forward_over_reverse(

@@ -260,12 +260,18 @@ class ModelOperator(Operator):
             return build(), False
         if self._graph_budget is None:
             self._graph_budget = self.graph_cache_max_bytes or default_graph_budget(self.device)
-        if count_saved:
-            with counting_saved_bytes(list(self._params) + tensors_in((inputs, targets))) as saved:
-                work = build()
-            size = saved.total
-        else:
-            work, size = build(), 0
+        try:
+            if count_saved:
+                with counting_saved_bytes(list(self._params) + tensors_in((inputs, targets))) as saved:
+                    work = build()
+                size = saved.total
+            else:
+                work, size = build(), 0
+        except torch.cuda.OutOfMemoryError:
+            if not len(self._kept):
+                raise  # nothing kept to free: this micro-batch alone does not fit
+            self._drop_kept_work()
+            return build(), False
         kept = self._kept.add(position, work, size + outputs_bytes(work), self._graph_budget)
         if not kept:
             logger.info(
@@ -274,6 +280,15 @@ class ModelOperator(Operator):
                 type(self).__name__, len(self._kept), self._graph_budget,
             )
         return work, kept
+
+    def _drop_kept_work(self) -> None:
+        """Out of device memory with work kept: free it and compute afresh for the rest of the block."""
+        logger.warning(
+            "%s: out of device memory with %d micro-batch(es) of kept work (%d bytes); freeing them and "
+            "computing every product afresh for the rest of this frozen() block. Lower "
+            "graph_cache_max_bytes to keep less.", type(self).__name__, len(self._kept), self._kept.bytes,
+        )
+        self._kept.give_up()
 
     def _release_kept_work(self) -> None:
         """Free what products kept inside :meth:`frozen`."""
