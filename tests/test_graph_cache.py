@@ -433,3 +433,36 @@ def test_out_of_device_memory_with_kept_work_frees_it_and_goes_on_afresh(counted
     warnings = [r for r in caplog.records if "out of device memory" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert counter.calls > micro_batches(loader)  # computed afresh after giving up
+
+
+def test_a_stochastic_operator_over_a_list_keeps_each_batch_graph_and_cycles_exactly():
+    model = small_mlp(seed=5)
+    x, y = classification_data(num=90)
+    loader = batches(x, y, [40, 30, 20])
+    per_batch = [dense_loss_hessian(model, F.cross_entropy, bx, by) for bx, by in loader]
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, full_dataset=False)
+    counter = ForwardCounter(model)
+    try:
+        with op.frozen():
+            for step in range(7):  # more than two cycles through the three batches
+                v = rand(op.size, seed=step)
+                assert close(op.apply(v), per_batch[step % 3] @ v)
+            assert len(op._kept) == 3
+        assert counter.calls == 3  # each batch ran the model once
+    finally:
+        counter.close()
+
+
+def test_a_stochastic_operator_over_a_dataloader_keeps_nothing():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = small_mlp(seed=6)
+    x, y = classification_data(num=60)
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    per_batch = [dense_loss_hessian(model, F.cross_entropy, x[i : i + 20], y[i : i + 20]) for i in (0, 20, 40)]
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, full_dataset=False)
+    with op.frozen():
+        for step in range(4):
+            v = rand(op.size, seed=step)
+            assert close(op.apply(v), per_batch[step % 3] @ v)
+            assert len(op._kept) == 0

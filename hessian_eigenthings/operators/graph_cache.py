@@ -13,12 +13,10 @@ so they are kept only within a memory budget, measured while they are built.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-
-from .hvp_backends import FirstOrderGraph
 
 # Budget of kept graphs on a CPU, and as a share of the free memory of a GPU.
 DEFAULT_CPU_GRAPH_BYTES = 2 * 2**30
@@ -91,14 +89,15 @@ def model_state_key(model: nn.Module) -> tuple:
 
 
 class KeptGraphs:
-    """The first-order graphs of the micro-batches of a full-dataset pass, by position in the pass.
+    """What products keep per micro-batch (a first-order graph, per-sample gradients, ...), by the
+    micro-batch's key (its batch's position in the dataloader, its number within that batch).
 
-    Graphs are added while they fit ``budget`` bytes; micro-batches past the budget are computed
-    afresh in every product. ``key`` is the model state they were built for.
+    Work is added while it fits ``budget`` bytes; micro-batches past the budget are computed
+    afresh in every product. ``key`` is the model state the work was built for.
     """
 
     def __init__(self) -> None:
-        self.graphs: dict[int, FirstOrderGraph] = {}
+        self.graphs: dict[tuple[int, int], Any] = {}
         self.bytes = 0
         self.full = False  # the budget is spent: build no more in this frozen block
         self.key: Optional[tuple] = None
@@ -106,10 +105,10 @@ class KeptGraphs:
     def __len__(self) -> int:
         return len(self.graphs)
 
-    def get(self, position: int) -> Optional[FirstOrderGraph]:
+    def get(self, position: tuple[int, int]) -> Optional[Any]:
         return self.graphs.get(position)
 
-    def add(self, position: int, graph: FirstOrderGraph, size: int, budget: int) -> bool:
+    def add(self, position: tuple[int, int], graph: Any, size: int, budget: int) -> bool:
         """Keep ``graph`` if it fits the budget; return whether it was kept."""
         if self.full or self.bytes + size > budget:
             self.full = True

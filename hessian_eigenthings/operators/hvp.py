@@ -77,15 +77,18 @@ class HVPOperator(ModelOperator):
             package enters it), keep each micro-batch's forward pass and gradient graph after the
             first product and reuse it, so that a later product is one backward pass through that
             graph instead of a forward and two backward passes (1.5-1.7x faster on a CPU; exact, the
-            same numbers up to rounding). Only with ``full_dataset=True``, the batches kept on the
-            device (``cache_batches``), a double-backward product, and not with ``eval_mode=False``
-            on a model with buffers (whose restoring would invalidate the graphs). The graphs are
-            freed when the outermost ``frozen()`` block ends; they are rebuilt if a parameter or
-            buffer is changed in place within it.
+            same numbers up to rounding). Only with the batches kept on the device
+            (``cache_batches``) and either ``full_dataset=True`` or a list/tuple of batches (a
+            stochastic operator then keeps one graph per batch it cycles through), a
+            double-backward product, and not with ``eval_mode=False`` on a model with buffers
+            (whose restoring would invalidate the graphs). The graphs are freed when the
+            outermost ``frozen()`` block ends; they are rebuilt if a parameter or buffer is
+            changed in place within it.
         graph_cache_max_bytes: memory the kept graphs may take (counted as they are built: the
-            tensors autograd saves, less parameters and inputs, plus the gradients). Micro-batches beyond it are
-            computed afresh in every product. Default: 2 GiB on a CPU, 40% of the free memory of a
-            GPU (read when the first graph is built in a ``frozen()`` block).
+            tensors autograd saves, less parameters and inputs, plus the gradients).
+            Micro-batches beyond it are computed afresh in every product. Default: 2 GiB on a
+            CPU, 40% of the free memory of a GPU (read when the first graph is built in a
+            ``frozen()`` block).
         precision: ``"exact"`` (default: the parameters' dtype, TF32 off during products, the
             user's global setting restored after), ``"tf32"`` (CUDA only), ``"bf16"`` or ``"fp16"``
             (autocast). Results and their sum over batches stay in the parameters' dtype; see

@@ -38,8 +38,9 @@ class NonFiniteError(ValueError):
 # Batches are kept on the compute device between products while they take at most this much memory.
 DEFAULT_CACHE_MAX_BYTES = 2**30
 
-# One micro-batch as the data loop yields it: (label for messages, inputs, targets, samples).
-Chunk = tuple[str, Any, Any, int]
+# One micro-batch as the data loop yields it: (label for messages, inputs, targets, samples,
+# key: (position of its batch in the dataloader, its number within that batch)).
+Chunk = tuple[str, Any, Any, int, tuple[int, int]]
 
 
 class ModelOperator(Operator):
@@ -124,7 +125,7 @@ class ModelOperator(Operator):
         self.check_finite = bool(check_finite)
         self._deferred: Optional[list] = None  # pending NaN/Inf checks inside deferred_checks()
         self._frozen_depth = 0  # nesting depth of frozen() blocks
-        self._chunk_position = 0  # position of the micro-batch in progress within its pass
+        self._chunk_position = (0, 0)  # key of the micro-batch in progress (see Chunk)
         # Work of each micro-batch kept between products inside frozen() (see _kept_or_built).
         self._kept = KeptGraphs()
         self._graph_budget: Optional[int] = None  # bytes, fixed when a frozen block keeps its first work
@@ -170,11 +171,18 @@ class ModelOperator(Operator):
         except BaseException:
             self._kept.clear()  # a product that failed half-way may have kept part of a pass
             raise
-        if self._reusing and not self._cache_complete:
+        if self._reusing and not self._batches_fixed():
             # The next product may read other samples at the same positions (the batches did
             # not stay on the device), so work kept by position cannot be matched to them.
             self._kept.clear()
         return out
+
+    def _batches_fixed(self) -> bool:
+        """Whether a batch position always holds the same samples from now on: the whole dataset
+        is cached on the device, or the dataloader is a list/tuple of batches read one per product."""
+        if self.full_dataset:
+            return self._cache_complete
+        return isinstance(self.dataloader, (list, tuple)) and self.cache_batches and not self._cache_overflowed
 
     def _product(self, mat: Tensor) -> Tensor:
         """The block product over the data: the sample-weighted mean of the micro-batches' products."""
@@ -186,8 +194,8 @@ class ModelOperator(Operator):
         # product's all-reduce, then raised on all of them (single process: a no-op).
         guard = distributed.ProductGuard(self.process_group, self.reduce_across_ranks, (NonFiniteError,))
         with guard, self._product_context():
-            for position, (label, inputs, targets, count) in enumerate(self._chunks()):
-                self._chunk_position = position
+            for label, inputs, targets, count, key in self._chunks():
+                self._chunk_position = key
                 loss, hv = self._chunk_products(inputs, targets, columns, label)
                 total.add_(hv, alpha=count)
                 seen += count
@@ -227,8 +235,8 @@ class ModelOperator(Operator):
         """Whether this product keeps/reuses per-micro-batch work (see ``cache_graphs``); drops
         work kept for another state of the model."""
         if not (
-            self._frozen_depth > 0 and self.cache_graphs and self.full_dataset and self.cache_batches
-            and not self._cache_overflowed and self._keeps_work()
+            self._frozen_depth > 0 and self.cache_graphs and self.cache_batches and not self._cache_overflowed
+            and (self.full_dataset or isinstance(self.dataloader, (list, tuple))) and self._keeps_work()
         ):
             return False
         if not self.eval_mode and next(self._work_model.buffers(), None) is not None:
@@ -530,7 +538,7 @@ class ModelOperator(Operator):
         added = _added_bytes((inputs, targets), (moved_inputs, moved_targets), owned)
         step = self.max_possible_gpu_samples
         chunks = []
-        for start in range(0, count, step):
+        for number, start in enumerate(range(0, count, step)):
             stop = min(start + step, count)
             label = f"batch {index}" if count <= step else f"batch {index} (samples {start}:{stop})"
             chunks.append((
@@ -538,6 +546,7 @@ class ModelOperator(Operator):
                 slice_samples(moved_inputs, start, stop) if count > step else moved_inputs,
                 slice_samples(moved_targets, start, stop) if count > step else moved_targets,
                 stop - start,
+                (index, number),
             ))
         return chunks, added
 

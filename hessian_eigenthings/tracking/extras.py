@@ -86,7 +86,7 @@ def loss_and_gradient(operator: ModelOperator) -> tuple[float, Tensor]:
     seen = 0
     offsets = operator._offsets
     with operator._product_context():
-        for label, inputs, targets, count in operator._chunks():
+        for label, inputs, targets, count, _ in operator._chunks():
             loss = operator._loss(inputs, targets, label)
             pieces = torch.autograd.grad(loss, operator._params, allow_unused=True)
             for i, piece in enumerate(pieces):
