@@ -466,3 +466,94 @@ def test_a_stochastic_operator_over_a_dataloader_keeps_nothing():
             v = rand(op.size, seed=step)
             assert close(op.apply(v), per_batch[step % 3] @ v)
             assert len(op._kept) == 0
+
+
+class InPlaceOnSaved(nn.Module):
+    """Changes a tensor that autograd saved (sigmoid saves its output): autograd refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(10, 8, dtype=torch.float64)
+        self.last = nn.Linear(8, 4, dtype=torch.float64)
+
+    def forward(self, inputs):
+        hidden = torch.sigmoid(self.first(inputs))
+        hidden.mul_(2.0)
+        return self.last(hidden)
+
+
+def test_a_model_that_modifies_a_saved_tensor_in_place_raises_inside_frozen_as_outside():
+    x, y = classification_data(num=40)
+    model = InPlaceOnSaved()
+    op = HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False)
+    v = rand(op.size)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        op.apply(v)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"), op.frozen():
+        op.apply(v)
+
+
+def test_dropout_with_a_budget_for_part_of_the_pass_keeps_nothing_and_stays_the_same_operator(caplog):
+    import logging
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 4)).double()
+    x, y = classification_data(num=90)
+    loader = batches(x, y, [30, 30, 30])
+    plain = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False)
+    sizer = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False)
+    with sizer.frozen():
+        sizer.apply(rand(sizer.size))
+        one_batch = sizer._kept.bytes / 3
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False,
+                     graph_cache_max_bytes=int(1.5 * one_batch))
+    with caplog.at_level(logging.INFO, logger="hessian_eigenthings"), op.frozen():
+        for step in range(3):
+            v = rand(op.size, seed=step)
+            assert close(op.apply(v), plain.apply(v))
+        assert len(op._kept) == 0 and op._kept.full
+    assert any("all micro-batches or none" in r.getMessage() for r in caplog.records)
+
+
+class GradientInForward(nn.Module):
+    """A model whose forward pass differentiates with torch.func (as in energy-based models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+        self.head = nn.Linear(10, 4, dtype=torch.float64)
+
+    def forward(self, inputs):
+        from torch.func import functional_call, grad, vmap
+
+        params = dict(self.net.named_parameters())
+        energy = lambda sample: functional_call(self.net, params, (sample,)).sum()  # noqa: E731
+        return self.head(vmap(grad(energy))(inputs))
+
+
+def test_a_model_using_torch_func_in_its_forward_pass_works_inside_frozen_and_keeps_nothing():
+    x, y = classification_data(num=30)
+    model = GradientInForward()
+    plain = HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, backend="double_backward")
+    op = HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, backend="double_backward")
+    with op.frozen():
+        for step in range(2):
+            v = rand(op.size, seed=step)
+            assert close(op.apply(v), plain.apply(v))
+        assert len(op._kept) == 0 and op.cache_graphs is False  # refused once, then not tried again
+    result = thick_restart_lanczos(op, 1, tol=1e-6, verbose=False)
+    assert result.converged.all()
+
+
+def test_clear_batch_cache_inside_frozen_drops_the_kept_graphs():
+    model = small_mlp(seed=7)
+    x, y = classification_data(num=64)
+    data = [(x.clone(), y.clone())]
+    op = HVPOperator(model, data, F.cross_entropy, use_gpu=False)
+    v = rand(op.size)
+    with op.frozen():
+        assert close(op.apply(v), dense_loss_hessian(model, F.cross_entropy, x, y) @ v)
+        data[0][0].mul_(0.5)  # new data, announced as the README says
+        op.clear_batch_cache()
+        assert len(op._kept) == 0
+        assert close(op.apply(v), dense_loss_hessian(model, F.cross_entropy, 0.5 * x, y) @ v)

@@ -25,6 +25,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..data import call_model, num_samples, slice_samples
 from ..utils import logger
+from .graph_cache import tensor_bytes
 from .model_operator import ModelOperator
 from .precision import autocast_context
 
@@ -55,10 +56,6 @@ class _GGNGraph(NamedTuple):
     dummies: list
     jt_u: tuple
     live: list
-
-
-def _tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
 class GGNOperator(ModelOperator):
@@ -105,7 +102,7 @@ class GGNOperator(ModelOperator):
         if self._reusing:  # inside frozen(): the graphs are built once and kept (see cache_graphs)
             graph, _ = self._kept_or_built(
                 lambda: self._graphs(inputs, targets, label),
-                lambda g: _tensor_bytes([*g.leaves, *g.loss_grads, *g.dummies, *g.jt_u]),
+                lambda g: tensor_bytes([*g.leaves, *g.loss_grads, *g.dummies, *g.jt_u]),
                 inputs, targets,
             )
         else:
@@ -207,7 +204,7 @@ class EmpiricalFisherOperator(ModelOperator):
         if self._reusing:  # inside frozen(): per-sample gradients computed once and kept
             (grads, losses), _ = self._kept_or_built(
                 lambda: self._per_sample_gradients(inputs, targets, count, label),
-                lambda work: _tensor_bytes(work), inputs, targets,
+                lambda work: tensor_bytes(work), inputs, targets,
                 count_saved=False,  # nothing is saved for backward; torch.func refuses the hooks
             )
         else:

@@ -1,19 +1,21 @@
-"""Keeping each micro-batch's forward pass and gradient graph for the next products.
+"""Keeping each micro-batch's work (forward pass and first-order graphs) for the next products.
 
 A Hessian-vector product by double backward costs a forward pass, a backward pass that builds
 the gradient's graph, and a backward pass through that graph. Only the last one depends on the
 vector: while the model and the data are fixed (inside :meth:`Operator.frozen`, which every
 solver and estimator of this package enters), the first two can be done once per micro-batch and
-their graph reused, which makes a product 1.5-1.7x cheaper on the CPU benchmarks (benchmarks/hvp_backends.py).
+their graph reused, which makes a product 1.5-1.7x cheaper on the CPU benchmarks
+(benchmarks/hvp_backends.py). The Gauss-Newton operator keeps its forward pass and graphs the
+same way, the empirical Fisher its per-sample gradients.
 
-The graphs hold every tensor the two backward passes need (activations and their derivatives),
-so they are kept only within a memory budget, measured while they are built.
+The graphs hold every tensor the backward passes need (activations and their derivatives), so
+they are kept only within a memory budget, measured while they are built.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,16 +37,15 @@ class SavedBytes:
     """Bytes of the distinct storages autograd saved for backward while :func:`counting_saved_bytes` ran."""
 
     def __init__(self, exclude: Sequence[Tensor]) -> None:
-        self._seen: dict[int, int] = {_storage_key(t): 0 for t in exclude}
+        self._seen: set[int] = {_storage_key(t) for t in exclude}
         self.total = 0
 
     def add(self, tensor: Tensor) -> None:
         key = _storage_key(tensor)
         if key in self._seen:
             return
-        size = tensor.untyped_storage().nbytes()
-        self._seen[key] = size
-        self.total += size
+        self._seen.add(key)
+        self.total += tensor.untyped_storage().nbytes()
 
 
 def _storage_key(tensor: Tensor) -> int:
@@ -54,6 +55,16 @@ def _storage_key(tensor: Tensor) -> int:
         return id(tensor)
 
 
+def tensor_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the tensors among ``tensors`` (other items count nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+class SavedTensorHooksRefused(RuntimeError):
+    """The model runs ``torch.func`` transforms, which refuse saved-tensor hooks, so the memory of
+    its graphs cannot be measured."""
+
+
 @contextlib.contextmanager
 def counting_saved_bytes(exclude: Sequence[Tensor]) -> Iterator[SavedBytes]:
     """Count the memory of the tensors autograd saves in this block, except those sharing storage
@@ -61,27 +72,46 @@ def counting_saved_bytes(exclude: Sequence[Tensor]) -> Iterator[SavedBytes]:
 
     The hook stores a detached alias: storing the tensor itself would tie a saved output to its
     own graph node in a cycle that is never freed. Autograd re-attaches the graph when it unpacks
-    the alias, so the second derivatives through saved outputs stay exact.
+    the alias, so the second derivatives through saved outputs stay exact. Autograd's own check
+    that a saved tensor was not modified in place does not see through the alias, so the hook
+    repeats it with the tensor's version counter (which the alias shares).
+
+    Raises :class:`SavedTensorHooksRefused` where ``torch.func`` inside the model refuses the hooks.
     """
     counter = SavedBytes(exclude)
 
-    def pack(tensor: Tensor) -> Tensor:
+    def pack(tensor: Tensor) -> tuple[Tensor, int]:
         counter.add(tensor)
-        return tensor.detach()
+        return tensor.detach(), tensor._version
 
-    def unpack(tensor: Tensor) -> Tensor:
+    def unpack(packed: tuple[Tensor, int]) -> Tensor:
+        tensor, version = packed
+        if tensor._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a tensor of shape {tuple(tensor.shape)} is at version {tensor._version}; expected "
+                f"version {version} instead. The model (or its data) changes a tensor that autograd saved; "
+                f"compute it out of place."
+            )
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield counter
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield counter
+    except RuntimeError as exc:
+        if "saved tensor hooks" in str(exc):
+            raise SavedTensorHooksRefused(str(exc)) from exc
+        raise
 
 
 def model_state_key(model: nn.Module) -> tuple:
     """A value that changes when a parameter or buffer of ``model`` is changed in place or replaced,
     or a module switches between train and eval mode (the kept graphs are then stale).
 
-    It reads version counters, so writes through ``.data`` are not seen: the graphs are kept only
-    inside :meth:`Operator.frozen`, whose caller promises not to change the model.
+    It reads version counters and data pointers, so in-place writes that bump no version are not
+    seen: through ``.data`` (``p.data.mul_(2)``) and by fused optimizer kernels (``fused=True``).
+    The graphs are kept only inside :meth:`Operator.frozen`, whose caller promises not to change
+    the model.
     """
     tensors = [(t._version, t.data_ptr()) for t in model.parameters()]
     tensors += [(t._version, t.data_ptr()) for t in model.buffers()]

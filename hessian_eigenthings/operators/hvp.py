@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ..utils import logger
 from .hvp_backends import BACKENDS, double_backward, first_order_graph, forward_over_reverse, second_backward
-from .model_operator import ModelOperator, NonFiniteError  # noqa: F401  (NonFiniteError re-exported)
+from .graph_cache import tensor_bytes
+from .model_operator import ModelOperator, NonFiniteError, rng_rewinder  # noqa: F401  (NonFiniteError re-exported)
 
 # A way to compute a block product: (backend name, all b vectors in one pass?).
 Plan = tuple[str, bool]
@@ -83,7 +84,9 @@ class HVPOperator(ModelOperator):
             double-backward product, and not with ``eval_mode=False`` on a model with buffers
             (whose restoring would invalidate the graphs). The graphs are freed when the
             outermost ``frozen()`` block ends; they are rebuilt if a parameter or buffer is
-            changed in place within it.
+            changed in place within it (not seen: writes through ``.data`` and fused optimizer
+            kernels, which bump no version counter: do not change the model in the block). With
+            ``eval_mode=False`` they are kept for all micro-batches or none (random layers).
         graph_cache_max_bytes: memory the kept graphs may take (counted as they are built: the
             tensors autograd saves, less parameters and inputs, plus the gradients).
             Micro-batches beyond it are computed afresh in every product. Default: 2 GiB on a
@@ -220,7 +223,7 @@ class HVPOperator(ModelOperator):
         graph, kept = self._kept_or_built(
             lambda: first_order_graph(lambda: self._loss(inputs, targets, label), self._params),
             # The gradients are outputs, not saved tensors: n numbers per micro-batch.
-            lambda g: sum(t.numel() * t.element_size() for t in g.grads),
+            lambda g: tensor_bytes(g.grads),
             inputs, targets,
         )
         return graph.loss, second_backward(graph, self._params, tangents, self._plan[1], keep=kept)
@@ -237,7 +240,7 @@ class HVPOperator(ModelOperator):
     ) -> tuple[Tensor, Tensor]:
         """Mean loss of one micro-batch and its Hessian times every column, shape (n, b)."""
         tangents = self._stacked(columns)
-        rewind = _rng_rewinder(self.device)
+        rewind = rng_rewinder(self.device)
         try:
             loss, rows = self._run(self._plan, inputs, targets, tangents, label, rewind)
             return loss, rows.T
@@ -296,16 +299,3 @@ class HVPOperator(ModelOperator):
 def _describe(plan: Plan) -> str:
     backend, batched = plan
     return f"{backend.replace('_', '-')}{' batched' if batched else ''}"
-
-
-def _rng_rewinder(device: torch.device) -> Callable[[], None]:
-    """A function that puts the random state (CPU, and the device's if CUDA) back to what it is now."""
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def rewind() -> None:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
-
-    return rewind

@@ -26,7 +26,13 @@ from ..model_utils import (
 )
 from ..utils import check_positive_int, logger, resolve_device
 from .base import Operator
-from .graph_cache import KeptGraphs, counting_saved_bytes, default_graph_budget, model_state_key
+from .graph_cache import (
+    KeptGraphs,
+    SavedTensorHooksRefused,
+    counting_saved_bytes,
+    default_graph_budget,
+    model_state_key,
+)
 from .kernels import math_attention, rnn_without_cudnn
 from .precision import autocast_context, fp32_math, resolve_precision
 
@@ -268,6 +274,7 @@ class ModelOperator(Operator):
             return build(), False
         if self._graph_budget is None:
             self._graph_budget = self.graph_cache_max_bytes or default_graph_budget(self.device)
+        rewind = rng_rewinder(self.device)
         try:
             if count_saved:
                 with counting_saved_bytes(list(self._params) + tensors_in((inputs, targets))) as saved:
@@ -275,13 +282,28 @@ class ModelOperator(Operator):
                 size = saved.total
             else:
                 work, size = build(), 0
+        except SavedTensorHooksRefused as exc:
+            logger.info("%s: the model runs torch.func transforms, which refuse the hooks that measure the "
+                        "memory of kept graphs (%s); nothing is kept for it.", type(self).__name__, exc)
+            self.cache_graphs = False
+            self._kept.give_up()
+            rewind()  # the failed attempt may have drawn dropout masks
+            return build(), False
         except torch.cuda.OutOfMemoryError:
             if not len(self._kept):
                 raise  # nothing kept to free: this micro-batch alone does not fit
             self._drop_kept_work()
+            rewind()
             return build(), False
         kept = self._kept.add(position, work, size + outputs_bytes(work), self._graph_budget)
-        if not kept:
+        if not kept and not self.eval_mode:
+            # Kept micro-batches draw no more dropout masks, so the ones computed afresh would draw
+            # other masks than in this product: with random layers it is all or nothing.
+            self._kept.give_up()
+            logger.info("%s: the kept work does not fit graph_cache_max_bytes=%d bytes, and with "
+                        "eval_mode=False it is kept for all micro-batches or none; keeping none.",
+                        type(self).__name__, self._graph_budget)
+        elif not kept:
             logger.info(
                 "%s: the kept work of %d micro-batch(es) fills graph_cache_max_bytes=%d bytes; the others are "
                 "computed afresh in every product (raise graph_cache_max_bytes to keep more).",
@@ -444,6 +466,7 @@ class ModelOperator(Operator):
         self._cache_bytes = 0
         self._cache_complete = False
         self._cache_overflowed = False
+        self._kept.clear()  # built from the old data
 
     def _raw_batches(self) -> Iterator[tuple[int, Any]]:
         """Yield (position in the dataloader, batch): every batch, or the next one when stochastic."""
@@ -573,3 +596,16 @@ def _functional_call(model: nn.Module, parameters: Mapping[str, Tensor], inputs:
     if isinstance(inputs, dict):
         return functional_call(model, dict(parameters), (), inputs)
     return functional_call(model, dict(parameters), (inputs,))
+
+
+def rng_rewinder(device: torch.device) -> Callable[[], None]:
+    """A function that puts the random state (CPU, and the device's if CUDA) back to what it is now."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+    return rewind
