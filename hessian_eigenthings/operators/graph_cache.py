@@ -4,7 +4,7 @@ A Hessian-vector product by double backward costs a forward pass, a backward pas
 the gradient's graph, and a backward pass through that graph. Only the last one depends on the
 vector: while the model and the data are fixed (inside :meth:`Operator.frozen`, which every
 solver and estimator of this package enters), the first two can be done once per micro-batch and
-their graph reused, which makes a product 1.5-1.7x cheaper on the CPU benchmarks
+their graph reused, which makes a product 1.4-1.7x cheaper on the CPU benchmarks
 (benchmarks/hvp_backends.py). The Gauss-Newton operator keeps its forward pass and graphs the
 same way, the empirical Fisher its per-sample gradients.
 

@@ -77,7 +77,7 @@ class HVPOperator(ModelOperator):
         cache_graphs: True (default): inside :meth:`frozen` (every solver and estimator of this
             package enters it), keep each micro-batch's forward pass and gradient graph after the
             first product and reuse it, so that a later product is one backward pass through that
-            graph instead of a forward and two backward passes (1.5-1.7x faster on a CPU; exact, the
+            graph instead of a forward and two backward passes (1.4-1.7x faster on a CPU; exact, the
             same numbers up to rounding). Only with the batches kept on the device
             (``cache_batches``) and either ``full_dataset=True`` or a list/tuple of batches (a
             stochastic operator then keeps one graph per batch it cycles through), a
