@@ -265,6 +265,7 @@ class HVPOperator(ModelOperator):
                 if batched or not len(self._kept):
                     raise  # a batched plan narrows first (see _mark_unsupported); else nothing to free
                 self._drop_kept_work()
+                rewind()  # a graph built in the failed attempt drew dropout masks
                 return self._kept_graph_products(inputs, targets, tangents, label)
         if backend == "double_backward":
             return double_backward(lambda: self._loss(inputs, targets, label), self._params, tangents, batched)
