@@ -75,6 +75,19 @@ def check_positive_int(value: Any, name: str) -> int:
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` if it is a bool (or a numpy bool), else raise a TypeError naming ``name``.
+
+    Strings such as ``"False"`` or ``"no"`` are truthy in Python, so accepting them would silently
+    turn an option on; they are refused instead.
+    """
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}.")
+
+
 def check_num_eigenthings(k: Any, n: int, name: str = "num_eigenthings") -> int:
     """Validate the number of requested eigenpairs against the operator size ``n``."""
     k = check_positive_int(k, name)
