@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -83,7 +84,7 @@ def check_bool(value: Any, name: str) -> bool:
     """
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+    if isinstance(value, np.bool_):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}.")
 
