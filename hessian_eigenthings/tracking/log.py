@@ -381,12 +381,14 @@ class TrackingLog:
         fd = self._file.fd
         raw = _read_all(fd)
         complete = raw.rfind(b"\n") + 1
+        tail = []
         if complete < len(raw):
-            _warn(str(self.path), [(raw[:complete].count(b"\n") + 1, _CUT_SHORT + "; removed from the file")])
+            tail = [(raw[:complete].count(b"\n") + 1, _CUT_SHORT + "; removed from the file")]
             os.ftruncate(fd, complete)
             os.fsync(fd)
         self._end = complete
-        records, self.columns = parse_log(raw[:complete].decode("utf-8", errors="replace"), self.format, str(self.path))
+        text = raw[:complete].decode("utf-8", errors="replace")
+        records, self.columns = _parse_complete_lines(text, self.format, str(self.path), tail)
         return records
 
 
@@ -524,12 +526,19 @@ def parse_log(text: str, fmt: str, name: str = "log") -> tuple[list[SharpnessRec
     none of whose lines is a record raises ValueError.
     """
     complete = text.rfind("\n") + 1
-    records, columns, problems = _scan(text[:complete], fmt)
+    tail = [(text.count("\n") + 1, _CUT_SHORT + "; skipped")] if text[complete:].strip() else []
+    return _parse_complete_lines(text[:complete], fmt, name, tail)
+
+
+def _parse_complete_lines(
+    text: str, fmt: str, name: str, tail: list[tuple[int, str]],
+) -> tuple[list[SharpnessRecord], Optional[list[str]]]:
+    """parse_log of a text that ends with a newline; ``tail`` describes what was cut after it."""
+    records, columns, problems = _scan(text, fmt)
     if not records and any(what.endswith("skipped") for _, what in problems):
         listed = "; ".join(f"line {number}: {what}" for number, what in problems[:3])
         raise ValueError(f"{name}: none of its lines is a tracking record ({listed}). Is it a tracking log?")
-    if text[complete:].strip():
-        problems.append((text.count("\n") + 1, _CUT_SHORT + "; skipped"))
+    problems += tail
     if problems:
         _warn(name, problems)
     return records, columns
@@ -554,7 +563,11 @@ def _scan(text: str, fmt: str) -> tuple[list[SharpnessRecord], Optional[list[str
                 problems.append((number, f"a JSON {type(data).__name__}, not an object; skipped"))
                 continue
         else:
-            cells = next(csv.reader([line]))
+            try:
+                cells = next(csv.reader([line]))
+            except csv.Error as exc:
+                problems.append((number, f"not CSV ({exc}); skipped"))
+                continue
             if _is_csv_header(cells):
                 if columns is not None:
                     problems.append((number, "a second CSV header (two writers on one file?); the rows below it "
