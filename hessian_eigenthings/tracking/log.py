@@ -189,10 +189,10 @@ class TrackingLog:
         if if_exists == "error" and _holds_anything(self.path):
             raise self._exists_error()
         if not self.writes:
-            if if_exists == "resume" and self.path.exists():
+            if if_exists == "resume" and self.path.exists():  # read as rank 0 does, which alone warns
                 raw = self.path.read_bytes()
                 text = raw[: raw.rfind(b"\n") + 1].decode("utf-8", errors="replace")
-                self.resumed, self.columns, _ = _scan(text, self.format)
+                self.resumed, self.columns = _parse_complete_lines(text, self.format, str(self.path), [], warn=False)
             return
         self._file = _open_locked(self.path)
         self._finalizer = weakref.finalize(self, _close_file, self._file)
@@ -280,10 +280,8 @@ class TrackingLog:
         if not self.save_vectors or not self.writes:
             return
         self._writable_fd()
-        tmp: Optional[Path] = None
         try:
-            tmp = self._write_tmp_vectors(step, vectors)
-            os.replace(tmp, self.vectors_path)
+            os.replace(self._write_tmp_vectors(step, vectors), self.vectors_path)
         except OSError as exc:
             _remove_quietly(_tmp_path(self.vectors_path))
             raise _write_error(
@@ -430,7 +428,7 @@ def _open_locked(path: Path) -> _OpenFile:
             raise
         if _same_file(path, key):
             return _OpenFile(fd, key, path, created)
-        # The holder we waited out removed the file (an empty log is removed on close): start over.
+        # Removed or replaced between the open and the lock (a writer closing an empty log removes it).
         file_lock.release(fd, key)
         os.close(fd)
     raise RuntimeError(f"Could not open {str(path)!r}: it keeps being removed or replaced while being opened.")
@@ -531,7 +529,7 @@ def parse_log(text: str, fmt: str, name: str = "log") -> tuple[list[SharpnessRec
 
 
 def _parse_complete_lines(
-    text: str, fmt: str, name: str, tail: list[tuple[int, str]],
+    text: str, fmt: str, name: str, tail: list[tuple[int, str]], warn: bool = True,
 ) -> tuple[list[SharpnessRecord], Optional[list[str]]]:
     """parse_log of a text that ends with a newline; ``tail`` describes what was cut after it."""
     records, columns, problems = _scan(text, fmt)
@@ -539,7 +537,7 @@ def _parse_complete_lines(
         listed = "; ".join(f"line {number}: {what}" for number, what in problems[:3])
         raise ValueError(f"{name}: none of its lines is a tracking record ({listed}). Is it a tracking log?")
     problems += tail
-    if problems:
+    if problems and warn:
         _warn(name, problems)
     return records, columns
 

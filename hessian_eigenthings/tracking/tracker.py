@@ -252,8 +252,8 @@ class SharpnessTracker:
 
         After the t-th update made through this optimizer, ``step(start_step + t)`` runs, so records
         describe the parameters after that many updates. Returns the hook handle; ``.remove()`` it to
-        stop (:meth:`close` removes it too). (Step ``start_step`` itself, before the first update, is not recorded by the hook: call
-        ``tracker.step(start_step)`` for it.)
+        stop (:meth:`close` removes it too). (Step ``start_step`` itself, before the first update, is
+        not recorded by the hook: call ``tracker.step(start_step)`` for it.)
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}.")
