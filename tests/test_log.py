@@ -227,6 +227,15 @@ def test_a_record_a_csv_cannot_hold_is_refused_before_anything_is_written(tmp_pa
     assert [r.step for r in no_warnings_read(path)] == [0, 1]
 
 
+def test_a_csv_refuses_extra_names_with_line_breaks(tmp_path):
+    path = tmp_path / "run.csv"
+    with TrackingLog(path) as log:
+        with pytest.raises(ValueError, match="line breaks"):
+            log.append(make_record(0, **{"two\nlines": 1.0}))
+        log.append(make_record(0))
+    assert [r.step for r in no_warnings_read(path)] == [0]
+
+
 def test_resume_ignores_vectors_newer_than_the_last_record(problem, tmp_path):
     model, loader = problem
     path = tmp_path / "run.jsonl"

@@ -613,6 +613,9 @@ def _csv_columns(data: dict[str, Any]) -> list[str]:
     for name, prefix in _LISTS:
         columns += [f"{prefix}_{i}" for i in range(len(data[name]))]
     columns += [key for key in data if key not in RECORD_FIELDS]
+    broken = [key for key in columns if "\n" in key or "\r" in key]
+    if broken:  # every line of a CSV log is read on its own, so a name may not span two
+        raise ValueError(f"The extras {broken} have line breaks in their names, which a CSV log cannot hold; rename them.")
     return columns
 
 
