@@ -255,14 +255,15 @@ def test_a_damaged_jsonl_line_is_skipped_with_a_warning(tmp_path):
     good = [json.dumps(make_record(step).as_dict()) for step in range(4)]
     # line 2: a half line with the next record glued to it; line 4: not a record; last: cut short
     path.write_text(good[0] + "\n" + good[1][:30] + good[1] + "\n" + good[2] + "\n" + '{"a": 1}\n' + "[1, 2]\n"
-                    + good[3] + "\n" + good[3][:25])
+                    + good[3] + "\n" + '{"step": Infinity, "eigenvalues": [1.0]}\n' + good[3][:25])
     with pytest.warns(UserWarning) as caught:
         records = read_log(path)
     assert [r.as_dict() for r in records] == [make_record(s).as_dict() for s in (0, 2, 3)]
     assert len(caught) == 1
     message = str(caught[0].message)
     assert str(path) in message
-    for text in ("line 2: not JSON", "line 4: not a tracking record", "line 5: a JSON list", "line 7: cut short"):
+    for text in ("line 2: not JSON", "line 4: not a tracking record", "line 5: a JSON list",
+                 "line 7: not a tracking record", "line 8: cut short"):
         assert text in message, message
     assert path.read_text().endswith(good[3][:25])  # reading changes nothing
 

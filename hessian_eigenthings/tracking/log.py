@@ -286,8 +286,8 @@ class TrackingLog:
             _remove_quietly(_tmp_path(self.vectors_path))
             raise _write_error(
                 exc,
-                f"Could not write the eigenvectors of step {step} to {str(self.vectors_path)!r}: {exc.strerror or exc}. "
-                f"The side file still holds the previous vectors."
+                f"Could not write the eigenvectors of step {step} to {str(self.vectors_path)!r}: "
+                f"{exc.strerror or exc}. The side file still holds the previous vectors."
             ) from exc
 
     def _writable_fd(self) -> int:
@@ -581,7 +581,7 @@ def _scan(text: str, fmt: str) -> tuple[list[SharpnessRecord], Optional[list[str
             data = dict(zip(columns, cells))
         try:
             records.append(SharpnessRecord.from_dict(data if fmt == "jsonl" else _from_csv_row(data)))
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:  # e.g. int(float("inf"))
             problems.append((number, f"not a tracking record ({exc}); skipped"))
     return records, columns, problems
 
@@ -615,7 +615,9 @@ def _csv_columns(data: dict[str, Any]) -> list[str]:
     columns += [key for key in data if key not in RECORD_FIELDS]
     broken = [key for key in columns if "\n" in key or "\r" in key]
     if broken:  # every line of a CSV log is read on its own, so a name may not span two
-        raise ValueError(f"The extras {broken} have line breaks in their names, which a CSV log cannot hold; rename them.")
+        raise ValueError(
+            f"The extras {broken} have line breaks in their names, which a CSV log cannot hold; rename them."
+        )
     return columns
 
 
