@@ -88,3 +88,8 @@ __all__ += [
     "read_log",
     "plot_log",
 ]
+
+# the tracking log's errors: a record that could not be written, a log file another writer holds
+from .tracking import TrackingLogInUseError, TrackingLogWriteError  # noqa: E402
+
+__all__ += ["TrackingLogWriteError", "TrackingLogInUseError"]

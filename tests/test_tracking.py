@@ -167,17 +167,21 @@ def test_a_crash_loses_only_the_step_being_measured(problem, tmp_path):
             raise KeyboardInterrupt
         return {}
 
-    tracker = SharpnessTracker(model, loader, F.cross_entropy, every=2, log_path=path, extras=ctrl_c_at_step_4)
+    # the with block releases the log file on the way out, as the end of a crashed process would
     with pytest.raises(KeyboardInterrupt):
-        for step in range(7):
-            tracker.step(step)
-            gd_step(model, x, y)
-    assert [r.step for r in read_log(path)] == [0, 2]
+        with SharpnessTracker(model, loader, F.cross_entropy, every=2, log_path=path,
+                              extras=ctrl_c_at_step_4) as tracker:
+            for step in range(7):
+                tracker.step(step)
+                gd_step(model, x, y)
+    assert tracker.closed and [r.step for r in read_log(path)] == [0, 2]
     # a write cut short by a crash leaves a partial line: a resume drops it from the file
     with open(path, "a") as handle:
         handle.write('{"step": 4, "which": "LA", "eigenval')
-    assert [r.step for r in read_log(path)] == [0, 2]
-    resumed = SharpnessTracker(model, loader, F.cross_entropy, every=2, log_path=path, if_exists="resume")
+    with pytest.warns(UserWarning, match="line 3: cut short"):
+        assert [r.step for r in read_log(path)] == [0, 2]
+    with pytest.warns(UserWarning, match="line 3: cut short.*removed from the file"):
+        resumed = SharpnessTracker(model, loader, F.cross_entropy, every=2, log_path=path, if_exists="resume")
     assert resumed.last_step == 2 and path.read_text().endswith("\n")
     assert resumed.step(4).warm
 
@@ -192,6 +196,7 @@ def test_resume_continues_the_file_with_the_warm_start(problem, tmp_path, suffix
         gd_step(model, x, y, lr=0.05)
     with pytest.raises(FileExistsError, match="if_exists='resume'"):
         SharpnessTracker(model, loader, F.cross_entropy, log_path=path)
+    first.close()
     with pytest.raises(ValueError, match="Cannot resume"):
         SharpnessTracker(model, loader, F.cross_entropy, num_eigenthings=3, log_path=path, if_exists="resume")
 
@@ -202,6 +207,7 @@ def test_resume_continues_the_file_with_the_warm_start(problem, tmp_path, suffix
     record = second.step(6)
     assert record.warm and record.products < first.records[0].products
     assert [r.step for r in read_log(path)] == [0, 2, 4, 6]
+    second.close()
 
     fresh = SharpnessTracker(model, loader, F.cross_entropy, every=2, num_eigenthings=2, log_path=path,
                              if_exists="overwrite")
@@ -322,9 +328,10 @@ def test_log_without_vectors_resumes_cold(problem, tmp_path):
     path = tmp_path / "a.jsonl"
     SharpnessTracker(model, loader, F.cross_entropy, log_path=path, save_vectors=False).step(0)
     assert not path.with_name("a.jsonl.vectors.pt").exists()
-    tracker = SharpnessTracker(model, loader, F.cross_entropy, log_path=path, if_exists="resume")
-    assert not tracker.step(1).warm
-    assert TrackingLog(path, if_exists="resume").read_vectors(196)[0] == 1
+    with SharpnessTracker(model, loader, F.cross_entropy, log_path=path, if_exists="resume") as tracker:
+        assert not tracker.step(1).warm
+    with TrackingLog(path, if_exists="resume") as log:
+        assert log.read_vectors(196)[0] == 1
 
 
 @pytest.mark.gpu

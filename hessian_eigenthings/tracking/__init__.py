@@ -5,7 +5,7 @@ log file, and a plot of the log.
 """
 
 from .extras import TrackingContext, loss_and_gradient, preserved_rng_state
-from .log import SharpnessRecord, TrackingLog, read_log
+from .log import SharpnessRecord, TrackingLog, TrackingLogInUseError, TrackingLogWriteError, read_log
 from .plot import plot_log
 from .solve import TrackingSolver
 from .tracker import SharpnessTracker
@@ -15,6 +15,8 @@ __all__ = [
     "SharpnessRecord",
     "TrackingContext",
     "TrackingLog",
+    "TrackingLogWriteError",
+    "TrackingLogInUseError",
     "TrackingSolver",
     "read_log",
     "plot_log",

@@ -35,9 +35,15 @@ class SharpnessTracker:
     or let the optimizer call it after each update: ``tracker.attach(optimizer)``.
 
     Each tracked step is warm-started from the previous step's eigenvectors, appends a
-    :class:`SharpnessRecord` to ``records`` and to the log file (flushed and synced), and leaves
+    :class:`SharpnessRecord` to the log file (synced to disk) and then to ``records``, and leaves
     the model (parameters, buffers, ``.grad``, modes), the optimizer's state and the global random
     states (torch CPU and CUDA, ``random``, ``numpy``) exactly as they were.
+
+    With a ``log_path`` the tracker locks the file while it is open: a second tracker on the same
+    file, in this process or another, is refused (:class:`TrackingLogInUseError`). :meth:`close`
+    (or the end of a ``with SharpnessTracker(...) as tracker:`` block) releases it; so do garbage
+    collection and the end of the process. A record that cannot be written (a full disk) raises
+    :class:`TrackingLogWriteError` and is not kept anywhere, so the step can be measured again.
 
     Args:
         model: the network being trained.
@@ -58,7 +64,7 @@ class SharpnessTracker:
         log_path: ``.jsonl`` or ``.csv`` file to append records to; None keeps them in memory only.
         if_exists: an existing log file is an "error" (default), is continued ("resume": its records
             are read back, steps up to its last are skipped, and the warm start is restored from
-            ``<log>.vectors.pt``), or is replaced ("overwrite").
+            ``<log>.vectors.pt``), or is replaced ("overwrite"). An empty file counts as absent.
         save_vectors: keep the last eigenvectors in ``<log>.vectors.pt`` (k * n numbers) for a warm
             resume.
         builtin_extras: which of "loss" (mean loss over the dataloader), "grad_norm" (norm of its
@@ -154,9 +160,42 @@ class SharpnessTracker:
         self.records: list[SharpnessRecord] = []
         self.eigenvectors: Optional[Tensor] = None
         self.log: Optional[TrackingLog] = None
+        self._hook_handles: list[Any] = []
+        self._closed = False
         if log_path is not None:
-            self.log = TrackingLog(log_path, if_exists=if_exists, save_vectors=save_vectors)
-            self._resume(self.log)
+            # Last, so that nothing can fail while the file is locked but not yet owned by the tracker.
+            log = TrackingLog(log_path, if_exists=if_exists, save_vectors=save_vectors)
+            try:
+                self._resume(log)
+            except BaseException:
+                log.close()
+                raise
+            self.log = log
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the log file (its lock) and detach from optimizers (:meth:`attach`).
+
+        ``records`` stay readable; :meth:`step` refuses afterwards. Safe to call twice. The log file
+        is also released when the tracker is garbage-collected and when the process exits.
+        """
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        if self.log is not None:
+            self.log.close()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        return self._closed
+
+    def __enter__(self) -> "SharpnessTracker":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -182,9 +221,20 @@ class SharpnessTracker:
 
         Returns:
             The new :class:`SharpnessRecord`, or None when nothing was measured.
+
+        Raises:
+            TrackingLogWriteError: the record could not be written to the log file; it was kept
+                nowhere (neither in ``records`` nor as the next warm start), so calling ``step`` for
+                this step again retries it.
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"step must be an int (the training step counter), got {type(step).__name__}.")
+        if self._closed:
+            where = f" and its log {str(self.log.path)!r} released" if self.log is not None else ""
+            raise RuntimeError(
+                f"This SharpnessTracker is closed{where}; make a new one (with if_exists='resume' to continue "
+                f"its log)."
+            )
         step = int(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
@@ -202,20 +252,24 @@ class SharpnessTracker:
 
         After the t-th update made through this optimizer, ``step(start_step + t)`` runs, so records
         describe the parameters after that many updates. Returns the hook handle; ``.remove()`` it to
-        stop. (Step ``start_step`` itself, before the first update, is not recorded by the hook: call
-        ``tracker.step(start_step)`` for it.)
+        stop (:meth:`close` removes it too). (Step ``start_step`` itself, before the first update, is
+        not recorded by the hook: call ``tracker.step(start_step)`` for it.)
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
+        if self._closed:
+            raise RuntimeError("This SharpnessTracker is closed; make a new one to attach.")
         counter = [start_step]
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             counter[0] += 1
             self.step(counter[0])
 
-        return optimizer.register_step_post_hook(hook)
+        handle = optimizer.register_step_post_hook(hook)
+        self._hook_handles.append(handle)
+        return handle
 
     def _track(self, step: int) -> Optional[SharpnessRecord]:
         start = time.perf_counter()
@@ -238,7 +292,6 @@ class SharpnessTracker:
             for hook in self.extras_hooks:
                 taken = set(RECORD_FIELDS) | set(extras)
                 extras.update(check_extra_values(hook(context), hook, taken))
-        self.eigenvectors = outcome.eigenvectors
         record = SharpnessRecord(
             step=step,
             eigenvalues=outcome.eigenvalues.tolist(),
@@ -252,10 +305,11 @@ class SharpnessTracker:
             extras=extras,
         )
         record.seconds = time.perf_counter() - start
-        self.records.append(record)
+        # Kept in memory only once on disk: a failed write leaves no trace, so the step can be retried.
         if self.log is not None:
-            self.log.append(record)
-            self.log.write_vectors(step, outcome.eigenvectors)
+            self.log.append(record, outcome.eigenvectors)
+        self.records.append(record)
+        self.eigenvectors = outcome.eigenvectors
         logger.info(
             "step %d: eigenvalues %s (%s, %d products, %.3f s)", step,
             np.array2string(outcome.eigenvalues, precision=5), "warm" if outcome.warm else "cold",
@@ -303,6 +357,10 @@ class SharpnessTracker:
             )
         self.records = list(log.resumed)
         saved = log.read_vectors(self.hessian.size)
+        if saved is not None and saved[0] > self.last_step:
+            logger.warning("%s holds the eigenvectors of step %d, after the log's last record (step %d); the next "
+                           "tracked step starts cold.", log.vectors_path, saved[0], self.last_step)
+            saved = None
         if saved is not None:
             saved_step, vectors = saved
             self.eigenvectors = vectors.to(device=self.hessian.device, dtype=self.hessian.dtype)
