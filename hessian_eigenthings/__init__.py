@@ -88,3 +88,8 @@ __all__ += [
     "read_log",
     "plot_log",
 ]
+
+# CPU thread oversubscription check (warns once when torch's threads exceed the usable cores)
+from .threads import ThreadOversubscriptionWarning, check_cpu_threads  # noqa: E402
+
+__all__ += ["ThreadOversubscriptionWarning", "check_cpu_threads"]
