@@ -53,7 +53,9 @@ def _fresh_venv(path: Path) -> Path:
     _run([sys.executable, "-m", "venv", "--without-pip", path], cwd=path.parent)
     python = path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     own = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=path).strip())
-    outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    # every site-packages folder this interpreter sees, also those that a .pth file added
+    outer = [p for p in dict.fromkeys(site.getsitepackages() + sys.path)
+             if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
     (own / "outer_packages.pth").write_text("\n".join(outer) + "\n", encoding="utf-8")
     return python
 
