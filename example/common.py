@@ -17,9 +17,26 @@ import torch
 from torch import nn
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the script's docstring as written and shows every option's default."""
+
+
+def solver_modes() -> list[str]:
+    """The modes ``compute_hessian_eigenthings`` accepts, read from the library (not a copy)."""
+    from hessian_eigenthings.eigenthings import SOLVER_MODES
+
+    return list(SOLVER_MODES)
+
+
 def digits_dataset() -> torch.utils.data.TensorDataset:
     """The 1797 digits images (8x8, scaled to [0, 1]) and their labels."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit(
+            "The examples use scikit-learn's bundled digits dataset, and scikit-learn is not installed. "
+            'Install the examples extra: pip install -e ".[examples]" (or: pip install scikit-learn matplotlib).'
+        ) from None
 
     digits = load_digits()
     inputs = torch.tensor(digits.data / 16.0, dtype=torch.float32)
@@ -85,7 +102,7 @@ def add_training_options(
     """Add ``--device`` (unless ``device`` is False), ``--batch-size``, ``--epochs`` and ``--width``
     with the given defaults."""
     if device:
-        parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="batch size for training and products")
     parser.add_argument("--epochs", type=int, default=epochs, help="training epochs before the analysis")
     parser.add_argument("--width", type=int, default=32, help="hidden width of the MLP")

@@ -10,7 +10,7 @@ Each rank trains the same MLP with DistributedDataParallel on its own shard (the
 product is one all-reduce, so every rank multiplies with the Hessian of the mean loss over the whole
 dataset and every rank's solver returns the same eigenpairs; rank 0 prints them. With --compare,
 rank 0 also solves with a rank-local operator over the whole dataset and prints the differences.
-For several machines, see the README ("Distributed: several processes and machines").
+For several machines, see docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import warnings
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ from torch import nn
 
 from hessian_eigenthings import HVPOperator, deflated_power_iteration, lanczos
 from hessian_eigenthings.distributed import get_world_size, is_main_process, shard_indices
-from common import add_training_options, digits_dataset, make_mlp, print_eigenpairs, train  # example/common.py
+from common import HelpFormatter, add_training_options, digits_dataset, make_mlp, print_eigenpairs, train  # example/common.py
 
 
 def setup(backend: str, timeout_s: float) -> torch.device:
@@ -55,22 +56,24 @@ def solve(operator: HVPOperator, args: argparse.Namespace):
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run on this rank with command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
-                        help="gloo (CPU, default) or nccl (one GPU per process)")
-    parser.add_argument("--k", type=int, default=5, help="number of eigenpairs (default 5)")
-    parser.add_argument("--mode", choices=["lanczos", "power_iter"], default="lanczos")
-    parser.add_argument("--which", choices=["LM", "LA", "SA"], default="LM")
+                        help="gloo (CPU) or nccl (one GPU per process)")
+    parser.add_argument("--k", type=int, default=5, help="number of eigenpairs")
+    parser.add_argument("--mode", choices=["lanczos", "power_iter"], default="lanczos", help="solver")
+    parser.add_argument("--which", choices=["LM", "LA", "SA"], default="LM",
+                        help="which end of the spectrum: largest magnitude, largest, smallest")
     parser.add_argument("--tol", type=float, default=1e-6, help="relative residual tolerance")
-    parser.add_argument("--power-iter-steps", type=int, default=1000)
+    parser.add_argument("--power-iter-steps", type=int, default=1000, help="power iteration steps per pair")
     add_training_options(parser, device=False, batch_size=128, epochs=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization")
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout in seconds")
     parser.add_argument("--compare", action="store_true",
                         help="rank 0 also solves on the whole dataset alone and prints the differences")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.backend == "nccl" and not torch.cuda.is_available():
         parser.error("--backend nccl needs CUDA GPUs (one per process); use --backend gloo on CPUs.")
     logging.basicConfig(level=logging.WARNING)

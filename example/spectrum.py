@@ -21,26 +21,26 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_training_options, checked_device, require_positive, train_digits_mlp  # noqa: E402
+from common import HelpFormatter, add_training_options, checked_device, require_positive, train_digits_mlp  # noqa: E402
 
 from hessian_eigenthings import compute_hessian_eigenthings, hessian_density, hessian_trace  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the analysis with command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="hessian_spectrum.png",
-                        help="where to save the density plot (default: hessian_spectrum.png in the current directory)")
-    parser.add_argument("--k", type=int, default=5, help="number of top eigenvalues (default 5)")
-    parser.add_argument("--probes", type=int, default=10, help="SLQ start vectors (default 10)")
-    parser.add_argument("--steps", type=int, default=80, help="Lanczos steps per SLQ probe (default 80)")
-    parser.add_argument("--trace-products", type=int, default=150, help="Hutch++ product budget (default 150)")
+                        help="where to save the density plot (a path relative to the current directory)")
+    parser.add_argument("--k", type=int, default=5, help="number of top eigenvalues")
+    parser.add_argument("--probes", type=int, default=10, help="SLQ start vectors")
+    parser.add_argument("--steps", type=int, default=80, help="Lanczos steps per SLQ probe")
+    parser.add_argument("--trace-products", type=int, default=150, help="Hutch++ product budget")
     parser.add_argument("--ggn", action="store_true", help="also draw the Gauss-Newton density on the same axes")
     add_training_options(parser)
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: the model is small, and extra threads only add "
-                             "overhead, a lot of it on a busy machine)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="CPU threads for torch (the model is small: extra threads only add overhead, a lot of "
+                             "it on a busy machine)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training, probes and start vectors")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     require_positive(parser, args,

@@ -28,7 +28,7 @@ from torch import nn
 
 from hessian_eigenthings import SharpnessTracker, plot_log
 from hessian_eigenthings.utils import progress
-from common import checked_device, digits_dataset, make_mlp, require_positive  # example/common.py
+from common import HelpFormatter, checked_device, digits_dataset, make_mlp, require_positive  # example/common.py
 
 LOSSES = ("mse", "ce")
 
@@ -64,26 +64,26 @@ def make_problem(loss: str, device: torch.device, samples: Optional[int] = None)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lr", type=float, default=0.2, help="learning rate of gradient descent (default 0.2)")
-    parser.add_argument("--steps", type=int, default=1000, help="gradient descent steps (default 1000)")
-    parser.add_argument("--every", type=int, default=10, help="track every this many steps (default 10)")
-    parser.add_argument("--k", type=int, default=1, help="number of top eigenvalues to track (default 1)")
-    parser.add_argument("--width", type=int, default=32, help="MLP hidden width / CNN channels (default 32)")
-    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="mlp (default) or a small cnn")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--lr", type=float, default=0.2, help="learning rate of gradient descent")
+    parser.add_argument("--steps", type=int, default=1000, help="gradient descent steps")
+    parser.add_argument("--every", type=int, default=10, help="track every this many steps")
+    parser.add_argument("--k", type=int, default=1, help="number of top eigenvalues to track")
+    parser.add_argument("--width", type=int, default=32, help="MLP hidden width / CNN channels")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="mlp or a small cnn")
     parser.add_argument("--loss", choices=LOSSES, default="mse",
-                        help="mse (half squared error to one-hot, default) or ce (cross-entropy)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--samples", type=int, default=None, help="train on the first this many digits (default: all 1797)")
-    parser.add_argument("--out", default=".", help="folder for sharpness.png and the log (default: here)")
+                        help="mse (half squared error to one-hot) or ce (cross-entropy)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--samples", type=int, default=None, help="train on the first this many digits (None: all 1797)")
+    parser.add_argument("--out", default=".", help="folder for sharpness.png and the log")
     parser.add_argument("--log-format", choices=["jsonl", "csv"], default="jsonl", help="log file format")
     parser.add_argument("--resume", action="store_true",
                         help="continue an existing log: GD is deterministic, so training reruns from step 0 and "
-                             "only steps after the log's last are tracked (default: overwrite it)")
+                             "only steps after the log's last are tracked; otherwise the log is overwritten")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: the model is tiny, and extra threads only add "
-                             "overhead, a lot of it on a busy machine)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="CPU threads for torch (the model is tiny: extra threads only add overhead, a lot of "
+                             "it on a busy machine)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     require_positive(parser, args, ("steps", "every", "k", "width", "threads", "samples"))

@@ -93,3 +93,8 @@ __all__ += [
 from .tracking import TrackingLogInUseError, TrackingLogWriteError  # noqa: E402
 
 __all__ += ["TrackingLogWriteError", "TrackingLogInUseError"]
+
+# CPU thread oversubscription check (warns once when torch's threads exceed the usable cores)
+from .threads import ThreadOversubscriptionWarning, check_cpu_threads  # noqa: E402
+
+__all__ += ["ThreadOversubscriptionWarning", "check_cpu_threads"]
