@@ -6,7 +6,7 @@ the GGN, the empirical Fisher, a parameter block of any of them, a user's own op
 
 * ``montecarlo.py``: the Monte-Carlo loop the probe-based estimators share.
 * ``trace.py``: :func:`hutchinson_trace`, :func:`hutchpp_trace` (estimate and standard error).
-* ``xtrace.py``: :func:`xtrace`, :func:`xdiag` (exchangeable estimators, with error estimates).
+* ``exchangeable.py``: :func:`xtrace`, :func:`xdiag` (exchangeable estimators, with error estimates).
 * ``frobenius.py``: :func:`hutchinson_frobenius`, :func:`hutchpp_frobenius`, :func:`xtrace_frobenius`.
 * ``diagonal.py``: :func:`hutchinson_diagonal`, :func:`exact_diagonal`.
 * ``estimates.py``: the result types.
@@ -32,7 +32,7 @@ from .frobenius import (
     xtrace_frobenius,
 )
 from .trace import TRACE_METHODS
-from .xtrace import xdiag, xtrace
+from .exchangeable import xdiag, xtrace
 
 __all__ = [
     "hutchinson_trace",

@@ -22,7 +22,7 @@ from ..utils import check_positive_int, logger, progress
 from .estimates import DiagonalEstimate
 from .montecarlo import elementwise_products, monte_carlo, warn_diagonal_budget
 from .probes import check_deterministic, check_probe_arguments, unit_blocks
-from .xtrace import xdiag
+from .exchangeable import xdiag
 
 __all__ = ["DiagonalEstimate", "hutchinson_diagonal", "exact_diagonal", "estimate_diagonal", "DIAGONAL_METHODS"]
 

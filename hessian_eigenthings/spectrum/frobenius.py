@@ -26,7 +26,13 @@ from .estimates import FrobeniusEstimate
 from .montecarlo import monte_carlo, squared_norms, warn_budget
 from .probes import check_probe_arguments
 from .trace import deflated_estimate, sketch_size_for
-from .xtrace import ExchangeableSketch, LeaveOneOut, check_exchangeable_budget, replicate_statistics, run_exchangeable
+from .exchangeable import (
+    ExchangeableSketch,
+    SketchAlgebra,
+    check_exchangeable_budget,
+    exchangeable_statistics,
+    run_exchangeable,
+)
 
 __all__ = [
     "FrobeniusEstimate", "hutchinson_frobenius", "hutchpp_frobenius", "xtrace_frobenius", "estimate_frobenius",
@@ -164,19 +170,20 @@ def xtrace_frobenius(
     check_exchangeable_budget(settings, op.size, "xtrace_frobenius")
     first = op.num_products
 
-    def estimate(sketch: ExchangeableSketch, loo: LeaveOneOut) -> tuple[Tensor, Tensor, Tensor]:
-        g = sketch.gram(sketch.products, sketch.products)
-        replicates = loo.frobenius_replicates(settings.distribution, g).unsqueeze(0)
-        return (*replicate_statistics(replicates), replicates)
+    def estimate(sketch: ExchangeableSketch, algebra: SketchAlgebra) -> tuple[Tensor, Tensor, Tensor]:
+        values, deltas = algebra.frobenius(settings.distribution, sketch.gram(sketch.products, sketch.products))
+        mean, se, paper = exchangeable_statistics(values.unsqueeze(0), (deltas * deltas.T).sum().reshape(1))
+        return mean, se, (values, paper)
 
     def exact(sketch: ExchangeableSketch) -> Tensor:
         return sketch.gram_diagonal(sketch.products).sum().reshape(1)
 
-    mean, se, replicates, m, converged = run_exchangeable(op, settings, estimate, exact, "Frobenius norm (XTrace)",
-                                                          verbose)
+    mean, se, extras, m, converged = run_exchangeable(op, settings, estimate, exact, "Frobenius norm (XTrace)",
+                                                      verbose)
+    values, paper = extras if extras is not None else (mean.new_zeros(0), torch.zeros_like(se))
     result = FrobeniusEstimate(
-        float(mean[0]), float(se[0]), op.num_products - first, m, "xtrace", converged, replicates[0].cpu().numpy(),
-        info={"distribution": settings.distribution, "test_vectors": m},
+        float(mean[0]), float(se[0]), op.num_products - first, m, "xtrace", converged, values.cpu().numpy(),
+        info={"distribution": settings.distribution, "test_vectors": m, "paper_std_error": float(paper[0])},
     )
     if not converged:
         warn_budget("xtrace_frobenius", result, tol, rtol, "1/sqrt(products), faster on spectra with a few "

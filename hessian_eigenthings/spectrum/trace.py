@@ -12,7 +12,7 @@ Hutchinson. The large eigenvalues (the outliers of a Hessian spectrum) land in `
 dominating the variance, so on spectra with a few large eigenvalues the error falls like ``1/m`` in
 the number of products ``m`` instead of ``1/sqrt(m)``. Given ``Q`` the residual estimate is
 unbiased, so its sample standard error is the standard error of the whole estimate. XTrace
-(``xtrace.py``) uses every product for both parts and is usually more accurate still.
+(``exchangeable.py``) uses every product for both parts and is usually more accurate still.
 
 Both work for indefinite operators: the stopping rule compares the standard error with
 ``max(tol, rtol * |estimate|)``, never with the signed estimate.
@@ -36,7 +36,7 @@ from ..utils import check_positive_int, logger, progress
 from .estimates import TraceEstimate
 from .montecarlo import Integrand, MonteCarloResult, monte_carlo, quadratic_forms, warn_budget
 from .probes import ProbeSettings, check_deflatable, check_probe_arguments
-from .xtrace import xtrace
+from .exchangeable import xtrace
 
 __all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace", "estimate_trace", "TRACE_METHODS"]
 
