@@ -202,6 +202,9 @@ def test_tolerances_of_xdiag_and_the_warning_when_the_budget_runs_out():
     with pytest.warns(ConvergenceWarning, match="xtrace: the budget of 40 products"):
         r = xtrace(a, max_products=41, tol=1e-9, verbose=False)  # an odd budget: 20 test vectors
     assert not r.converged and r.num_products == 40
+    with pytest.warns(ConvergenceWarning):  # 4 test vectors: fewer than min_probes, never trusted
+        r = xtrace(a, max_products=8, tol=1e9, min_probes=10, verbose=False)
+    assert not r.converged and r.num_products == 8
 
 
 def test_arguments_and_operators_that_are_refused():

@@ -306,23 +306,20 @@ def run_exchangeable(
     m_max = min(settings.max_products // 2, n)
     with progress(total=2 * m_max, desc=desc, verbose=verbose) as bar:
         sketch = ExchangeableSketch(op, settings, bar)
-        converged = not settings.adaptive
         while sketch.m < m_max:
             step = settings.block_size if settings.adaptive else m_max
             sketch.grow(min(step, m_max - sketch.m))
-            if settings.adaptive and sketch.m >= max(settings.min_probes, 2) and sketch.m < m_max:
-                mean, se, _ = estimate(sketch, sketch.algebra())
-                bar.set_postfix(std_error=f"{float(se.max()):.2g}")
-                if tolerance_met(se, mean, settings.tol, settings.rtol):
-                    converged = True
-                    break
-        if sketch.m == n:
-            mean = exact(sketch)
-            return mean, torch.zeros_like(mean), None, n, True
-        mean, se, extras = estimate(sketch, sketch.algebra())
-    if settings.adaptive and not converged:
-        converged = sketch.m >= max(settings.min_probes, 2) and tolerance_met(se, mean, settings.tol, settings.rtol)
-    return mean, se, extras, sketch.m, converged
+            if sketch.m == n:  # Q spans the whole space
+                mean = exact(sketch)
+                return mean, torch.zeros_like(mean), None, n, True
+            trusted = settings.adaptive and sketch.m >= max(settings.min_probes, 2)
+            if trusted or sketch.m == m_max:
+                mean, se, extras = estimate(sketch, sketch.algebra())
+                if trusted:
+                    bar.set_postfix(std_error=f"{float(se.max()):.2g}")
+                    if tolerance_met(se, mean, settings.tol, settings.rtol):
+                        return mean, se, extras, sketch.m, True
+    return mean, se, extras, sketch.m, not settings.adaptive
 
 
 def check_exchangeable_budget(settings: ProbeSettings, n: int, caller: str) -> None:
