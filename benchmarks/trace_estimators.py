@@ -140,7 +140,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = args.seeds or (5 if args.quick else 25)
-    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else ([30, 100] if args.quick else [30, 100, 300])
+    default_budgets = [30, 100] if args.quick else [30, 100, 300]
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else default_budgets
     n = 400 if args.quick else 2000
     start = time.perf_counter()
     problems = {

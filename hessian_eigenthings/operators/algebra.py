@@ -381,7 +381,9 @@ def check_indices(indices: Any, n: int) -> Tensor:
     return index
 
 
-def submatrix(operator: Any, indices: Any = None, *, params: Union[str, Sequence[str], None] = None) -> SubmatrixOperator:
+def submatrix(
+    operator: Any, indices: Any = None, *, params: Union[str, Sequence[str], None] = None
+) -> SubmatrixOperator:
     """The principal submatrix of ``operator`` by flat ``indices`` or by parameter names ``params`` (see
     :class:`SubmatrixOperator`)."""
     return SubmatrixOperator(operator, indices, params=params)

@@ -367,8 +367,9 @@ def xtrace(
 
     Returns:
         A :class:`TraceEstimate` with ``method="xtrace"``; ``num_probes`` is the number m of test
-        vectors, ``samples`` the m exchangeable replicates, and ``std_error`` their standard
-        deviation over ``sqrt(m)`` (0 when m = n: the trace is then exact).
+        vectors, ``samples`` the m exchangeable replicates, ``std_error`` the error estimate of the
+        module docstring (0 when m = n: the trace is then exact) and ``info["paper_std_error"]``
+        the paper's ``std(samples) / sqrt(m)``.
     """
     op = as_operator(operator)
     check_deflatable(op, "xtrace", "hutchinson_trace")
@@ -480,13 +481,16 @@ def xdiag(
             at least 4. Without ``tol`` and ``rtol`` all of them are used.
         tol: add test vectors until every entry's error estimate is at most ``tol``.
         rtol: ... until ``||std_error||_2 <= rtol * ||diagonal||_2``. With both, either stops.
-        distribution: "rademacher" (default: the residual part is then exact on a diagonal
-            matrix), "gaussian" or "sphere".
+        distribution: "rademacher" (default; as for Hutchinson's diagonal, the lower variance),
+            "gaussian" or "sphere" (no rescaling here: the diagonal's residual term is not a
+            quadratic form).
         min_probes, block_size, seed, verbose: as in :func:`xtrace`.
 
     Returns:
         A :class:`DiagonalEstimate` with ``method="xdiag"``; ``num_probes`` is the number m of test
-        vectors and ``std_error`` the per-entry spread of the m replicates over ``sqrt(m)``.
+        vectors, ``std_error`` the per-entry error estimate (the spread of the m replicates with the
+        covariance term of the module docstring; zeros when m = n, where the diagonal is exact) and
+        ``info["paper_std_error"]`` the paper's ``std / sqrt(m)``.
     """
     op = as_operator(operator)
     check_deflatable(op, "xdiag", "hutchinson_diagonal")
@@ -494,12 +498,9 @@ def xdiag(
     check_exchangeable_budget(settings, op.size, "xdiag")
     first = op.num_products
 
-    def estimate(sketch: ExchangeableSketch, algebra: SketchAlgebra) -> tuple[Tensor, Tensor, Tensor]:
-        mean, se, paper = diagonal_statistics(sketch, algebra)
-        return mean, se, paper
-
-    mean, se, paper, m, converged = run_exchangeable(op, settings, estimate, exact_diagonal_of_sketch, "diagonal (XDiag)",
-                                                 verbose)
+    mean, se, paper, m, converged = run_exchangeable(
+        op, settings, diagonal_statistics, exact_diagonal_of_sketch, "diagonal (XDiag)", verbose
+    )
     result = DiagonalEstimate(
         mean.to(op.dtype), se.to(op.dtype), op.num_products - first, m, "xdiag", converged,
         info={"distribution": settings.distribution, "test_vectors": m,

@@ -191,14 +191,14 @@ def monte_carlo(
         if keep_samples:
             kept.append(values[0])
         bar.update(count)
-        if (adaptive and moments.count >= settings.min_probes) or show:
+        # The statistics are read on the host only when a tolerance needs them: on a GPU, a read
+        # after every block would make the host wait for each product.
+        if adaptive and moments.count >= settings.min_probes:
             std_error = moments.std_error()
             estimate = offset + moments.mean
             if show:
                 _describe(bar, estimate, std_error)
-            if adaptive and moments.count >= settings.min_probes and tolerance_met(
-                std_error, estimate, settings.tol, settings.rtol
-            ):
+            if tolerance_met(std_error, estimate, settings.tol, settings.rtol):
                 converged = True
                 break
     if moments is None:  # a budget of zero probes

@@ -69,7 +69,8 @@ def check_probe_arguments(
     seed: Optional[int],
 ) -> ProbeSettings:
     """Check the arguments that every stochastic estimator (Hutchinson, Hutch++ and XTrace for the
-    trace and the squared Frobenius norm, Hutchinson and XDiag for the diagonal) shares, and make its private probe generator from ``seed``.
+    trace and the squared Frobenius norm, Hutchinson and XDiag for the diagonal) shares, and make its
+    private probe generator from ``seed``.
 
     Raises a TypeError/ValueError that names the public argument and says what it accepts, before
     any product is spent. ``tol`` and ``rtol`` are returned as given (None or a positive number).
