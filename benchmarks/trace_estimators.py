@@ -22,7 +22,6 @@ Problems (float64, exact references by ``numpy.linalg.eigh`` / the dense matrix)
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
