@@ -98,3 +98,34 @@ __all__ += ["TrackingLogWriteError", "TrackingLogInUseError"]
 from .threads import ThreadOversubscriptionWarning, check_cpu_threads  # noqa: E402
 
 __all__ += ["ThreadOversubscriptionWarning", "check_cpu_threads"]
+
+# exchangeable estimators, squared Frobenius norms, and operator algebra
+from .operators.algebra import LinearCombination, ProjectedOperator, SubmatrixOperator, deflate, submatrix  # noqa: E402
+from .spectrum import (  # noqa: E402
+    FrobeniusEstimate,
+    estimate_diagonal,
+    estimate_frobenius,
+    estimate_trace,
+    hutchinson_frobenius,
+    hutchpp_frobenius,
+    xdiag,
+    xtrace,
+    xtrace_frobenius,
+)
+
+__all__ += [
+    "xtrace",
+    "xdiag",
+    "estimate_trace",
+    "estimate_diagonal",
+    "FrobeniusEstimate",
+    "hutchinson_frobenius",
+    "hutchpp_frobenius",
+    "xtrace_frobenius",
+    "estimate_frobenius",
+    "LinearCombination",
+    "ProjectedOperator",
+    "SubmatrixOperator",
+    "deflate",
+    "submatrix",
+]

@@ -15,8 +15,13 @@ from hessian_eigenthings import (
     LambdaOperator,
     exact_diagonal,
     hutchinson_diagonal,
+    hutchinson_frobenius,
     hutchinson_trace,
+    hutchpp_frobenius,
     hutchpp_trace,
+    xdiag,
+    xtrace,
+    xtrace_frobenius,
 )
 from hessian_eigenthings.spectrum.probes import ProbeSettings, check_probe_arguments, draw_probes, probe_generator
 
@@ -24,6 +29,11 @@ STOCHASTIC = {
     "hutchinson_trace": hutchinson_trace,
     "hutchpp_trace": hutchpp_trace,
     "hutchinson_diagonal": hutchinson_diagonal,
+    "xtrace": xtrace,
+    "xdiag": xdiag,
+    "hutchinson_frobenius": hutchinson_frobenius,
+    "hutchpp_frobenius": hutchpp_frobenius,
+    "xtrace_frobenius": xtrace_frobenius,
 }
 
 POSITIVE_INT = "must be a positive integer"
@@ -168,3 +178,17 @@ def test_integral_float_and_numpy_seeds_are_accepted():
     reference = hutchinson_trace(matrix, max_products=8, seed=3, verbose=False).estimate
     assert hutchinson_trace(matrix, max_products=8, seed=3.0, verbose=False).estimate == reference
     assert hutchinson_trace(matrix, max_products=8, seed=np.int64(3), verbose=False).estimate == reference
+
+
+def test_sphere_probes_are_the_gaussian_stream_scaled_to_norm_sqrt_n():
+    op = counting_identity(40)
+    sphere = draw_probes(op, 500, "sphere", probe_generator(9))
+    gauss = draw_probes(op, 500, "gaussian", probe_generator(9))
+    norms = torch.linalg.vector_norm(sphere, dim=0)
+    assert torch.allclose(norms, torch.full_like(norms, math.sqrt(40)), rtol=1e-14)
+    assert torch.allclose(sphere, gauss * (math.sqrt(40) / torch.linalg.vector_norm(gauss, dim=0)), rtol=1e-14)
+    # isotropic: E[z z^T] = I, within the sampling error of 500 probes
+    second_moment = sphere @ sphere.T / 500
+    assert float((second_moment - torch.eye(40, dtype=torch.float64)).abs().max()) < 0.35
+    # on the identity every sphere probe gives z^T z = n exactly
+    assert hutchinson_trace(op, max_products=20, distribution="Sphere", verbose=False).std_error < 1e-12

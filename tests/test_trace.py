@@ -190,7 +190,7 @@ def test_bad_arguments_are_named(indefinite):
     with pytest.raises(ValueError, match="max_products"):
         hutchpp_trace(a, max_products=20, sketch_size=10)
     with pytest.raises(ValueError, match="method"):
-        estimate_trace(a, "xtrace")
+        estimate_trace(a, "xtrace++")
     with pytest.raises(TypeError, match="LambdaOperator"):
         hutchinson_trace(lambda v: v)
 

@@ -5,3 +5,8 @@ from .hvp import HVPOperator
 from .model_operator import ModelOperator, NonFiniteError
 
 __all__ = ["Operator", "LambdaOperator", "MatrixOperator", "as_operator", "HVPOperator", "ModelOperator", "NonFiniteError"]
+
+# operators built from operators: linear combinations and shifts, deflation, principal submatrices
+from .algebra import LinearCombination, ProjectedOperator, SubmatrixOperator, deflate, submatrix  # noqa: E402
+
+__all__ += ["LinearCombination", "ProjectedOperator", "SubmatrixOperator", "deflate", "submatrix"]

@@ -170,6 +170,58 @@ class Operator:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
 
+    # -- arithmetic: the results are operators of operators/algebra.py ------------------------------
+    __array_ufunc__ = None  # so that numpy scalars leave ``np.float64(2) * op`` to the operator
+
+    def __mul__(self, factor: Any) -> "Operator":
+        """``op * a``: the operator scaled by a number."""
+        if isinstance(factor, Operator):
+            raise TypeError(
+                "The product of two operators is not symmetric in general, so it is not an Operator here; "
+                "multiply operators by numbers, and apply them to vectors with op @ v."
+            )
+        from .algebra import scale
+
+        return scale(self, factor)
+
+    def __rmul__(self, factor: Any) -> "Operator":
+        """``a * op``."""
+        return self.__mul__(factor)
+
+    def __truediv__(self, divisor: Any) -> "Operator":
+        """``op / a``."""
+        from .algebra import divide
+
+        return divide(self, divisor)
+
+    def __add__(self, other: Any) -> "Operator":
+        """``op + op2`` (same size, dtype and device), or ``op + c``: the shift ``A + c I``."""
+        from .algebra import add
+
+        return add(self, other)
+
+    def __radd__(self, other: Any) -> "Operator":
+        """``c + op``."""
+        return self.__add__(other)
+
+    def __sub__(self, other: Any) -> "Operator":
+        """``op - op2``, or ``op - c``: the shift ``A - c I``."""
+        from .algebra import add
+
+        return add(self, other, sign=-1.0)
+
+    def __rsub__(self, other: Any) -> "Operator":
+        """``c - op``: ``c I - A``."""
+        from .algebra import subtract_from
+
+        return subtract_from(self, other)
+
+    def __neg__(self) -> "Operator":
+        """``-op``."""
+        from .algebra import scale
+
+        return scale(self, -1.0)
+
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """cuda and cuda:0 (the current device) name the same place."""

@@ -4,8 +4,12 @@ Every estimator works on any :class:`~hessian_eigenthings.operators.Operator` (t
 the GGN, the empirical Fisher, a parameter block of any of them, a user's own operator); the
 ``hessian_*`` functions are one-call wrappers for a model's loss over a dataloader.
 
+* ``montecarlo.py``: the Monte-Carlo loop the probe-based estimators share.
 * ``trace.py``: :func:`hutchinson_trace`, :func:`hutchpp_trace` (estimate and standard error).
+* ``exchangeable.py``: :func:`xtrace`, :func:`xdiag` (exchangeable estimators, with error estimates).
+* ``frobenius.py``: :func:`hutchinson_frobenius`, :func:`hutchpp_frobenius`, :func:`xtrace_frobenius`.
 * ``diagonal.py``: :func:`hutchinson_diagonal`, :func:`exact_diagonal`.
+* ``estimates.py``: the result types.
 * ``density.py``: :func:`spectral_density` (stochastic Lanczos quadrature).
 * ``plot.py``: :func:`plot_spectral_density` (matplotlib, an optional extra).
 * ``dense.py``: :func:`dense_matrix`, :func:`loss_hessian`, :func:`output_hessian`,
@@ -19,6 +23,16 @@ from .density import SpectralDensity, spectral_density
 from .diagonal import DiagonalEstimate, exact_diagonal, hutchinson_diagonal
 from .plot import plot_spectral_density
 from .trace import TraceEstimate, estimate_trace, hutchinson_trace, hutchpp_trace
+from .diagonal import DIAGONAL_METHODS, estimate_diagonal
+from .frobenius import (
+    FrobeniusEstimate,
+    estimate_frobenius,
+    hutchinson_frobenius,
+    hutchpp_frobenius,
+    xtrace_frobenius,
+)
+from .trace import TRACE_METHODS
+from .exchangeable import xdiag, xtrace
 
 __all__ = [
     "hutchinson_trace",
@@ -41,4 +55,14 @@ __all__ = [
     "hessian_diagonal",
     "curvature_operator",
     "CURVATURES",
+    "xtrace",
+    "xdiag",
+    "estimate_diagonal",
+    "DIAGONAL_METHODS",
+    "TRACE_METHODS",
+    "FrobeniusEstimate",
+    "hutchinson_frobenius",
+    "hutchpp_frobenius",
+    "xtrace_frobenius",
+    "estimate_frobenius",
 ]

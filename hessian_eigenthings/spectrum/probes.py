@@ -17,15 +17,17 @@ from torch import Tensor
 from ..operators.base import Operator
 from ..utils import check_positive_int, private_generator
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
+DISTRIBUTIONS = ("rademacher", "gaussian", "sphere")
 
 
 def check_distribution(distribution: str) -> str:
-    """Validate a probe distribution name: "rademacher" (entries +-1) or "gaussian" (standard normal)."""
+    """Validate a probe distribution name: "rademacher" (entries +-1), "gaussian" (standard normal) or
+    "sphere" (uniform on the sphere of radius sqrt(n)). Each has ``E[z z^T] = I``."""
     if not isinstance(distribution, str) or distribution.lower() not in DISTRIBUTIONS:
         raise ValueError(
             f"distribution={distribution!r} is not supported; use 'rademacher' (entries +-1, the lower "
-            f"variance for trace and diagonal) or 'gaussian' (standard normal entries)."
+            f"variance for trace and diagonal), 'gaussian' (standard normal entries) or 'sphere' (uniform "
+            f"on the sphere of radius sqrt(n), XTrace's choice)."
         )
     return distribution.lower()
 
@@ -66,8 +68,9 @@ def check_probe_arguments(
     distribution: Any,
     seed: Optional[int],
 ) -> ProbeSettings:
-    """Check the arguments that every stochastic estimator (Hutchinson and Hutch++ trace, Hutchinson
-    diagonal) shares, and make its private probe generator from ``seed``.
+    """Check the arguments that every stochastic estimator (Hutchinson, Hutch++ and XTrace for the
+    trace and the squared Frobenius norm, Hutchinson and XDiag for the diagonal) shares, and make its
+    private probe generator from ``seed``.
 
     Raises a TypeError/ValueError that names the public argument and says what it accepts, before
     any product is spent. ``tol`` and ``rtol`` are returned as given (None or a positive number).
@@ -87,7 +90,7 @@ def draw_probes(operator: Operator, count: int, distribution: str, gen: torch.Ge
     """(n, count) probe vectors with E[z z^T] = I, on the operator's device and dtype.
 
     Drawn on the host in float64 and then converted, so the stream is the same for every device
-    and dtype of the operator.
+    and dtype of the operator. "sphere" probes are the "gaussian" ones scaled to norm sqrt(n).
     """
     n = operator.size
     if distribution == "rademacher":
@@ -95,6 +98,8 @@ def draw_probes(operator: Operator, count: int, distribution: str, gen: torch.Ge
     else:
         # One draw per row: torch's normal sampler fills a block in a size-dependent order.
         rows = torch.stack([torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(count)])
+        if distribution == "sphere":
+            rows *= (n**0.5) / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
     return rows.T.to(device=operator.device, dtype=operator.dtype).contiguous()
 
 
@@ -105,6 +110,17 @@ def check_deterministic(operator: Operator, caller: str) -> None:
         raise ValueError(
             f"{caller} needs a deterministic operator, but this one uses a different mini-batch for every "
             f"product; build it with full_dataset=True."
+        )
+
+
+def check_deflatable(operator: Operator, caller: str, alternative: str) -> None:
+    """Refuse a stochastic operator for an estimator with an exact low-rank part (Hutch++, XTrace):
+    that part comes from one product, whose mini-batch noise no standard error of the probes sees."""
+    if operator.is_stochastic:
+        raise ValueError(
+            f"{caller} needs a deterministic operator: its exact part comes from one product, whose mini-batch "
+            f"noise its standard error cannot see. Build the operator with full_dataset=True, or use "
+            f"{alternative}, whose standard error includes the mini-batch noise."
         )
 
 
