@@ -88,3 +88,8 @@ __all__ += [
     "read_log",
     "plot_log",
 ]
+
+# linear systems with any symmetric operator: conjugate gradients and MINRES
+from .linsolve import NotPositiveDefiniteError, SolveResult, cg, minres  # noqa: E402
+
+__all__ += ["cg", "minres", "SolveResult", "NotPositiveDefiniteError"]
