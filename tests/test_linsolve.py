@@ -153,7 +153,7 @@ def test_warm_start_saves_iterations(spd, name):
 
 def _badly_scaled(n=120, seed=11):
     gen = torch.Generator().manual_seed(seed)
-    scale = torch.logspace(-3, 3, n, dtype=torch.float64)
+    scale = torch.logspace(-2, 2, n, dtype=torch.float64)
     noise = torch.randn(n, n, generator=gen, dtype=torch.float64) / (4 * n**0.5)
     core = torch.eye(n, dtype=torch.float64) + (noise + noise.T) / 2  # diagonally dominant, SPD
     return scale.sqrt()[:, None] * core * scale.sqrt()[None, :]
@@ -163,7 +163,7 @@ def _badly_scaled(n=120, seed=11):
 def test_diagonal_preconditioner_cuts_iterations(name):
     a = _badly_scaled()
     b = _rhs(120, 2, seed=12)
-    plain = SOLVERS[name](a, b, verbose=False, max_iters=2000)
+    plain = SOLVERS[name](a, b, verbose=False)
     diag = SOLVERS[name](a, b, preconditioner=a.diagonal(), verbose=False)
     as_callable = SOLVERS[name](a, b, preconditioner=lambda r: r / a.diagonal()[:, None], verbose=False)
     ref = _solve(a, b)
