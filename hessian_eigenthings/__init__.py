@@ -93,3 +93,8 @@ __all__ += [
 from .linsolve import NotPositiveDefiniteError, SolveResult, cg, minres  # noqa: E402
 
 __all__ += ["cg", "minres", "SolveResult", "NotPositiveDefiniteError"]
+
+# diagonals backpropagated at about a gradient's cost: HesScale and the GGN diagonal
+from .spectrum import ggn_diagonal, hesscale_diagonal  # noqa: E402
+
+__all__ += ["hesscale_diagonal", "ggn_diagonal"]

@@ -11,6 +11,8 @@ the GGN, the empirical Fisher, a parameter block of any of them, a user's own op
 * ``dense.py``: :func:`dense_matrix`, :func:`loss_hessian`, :func:`output_hessian`,
   :func:`dense_eigenthings`.
 * ``api.py``: :func:`hessian_trace`, :func:`hessian_density`, :func:`hessian_diagonal`.
+* ``hesscale.py``: :func:`hesscale_diagonal` (HesScale, backpropagated layer by layer).
+* ``ggn_diagonal.py``: :func:`ggn_diagonal` (exact and Monte-Carlo GGN diagonals by backpropagation).
 """
 
 from .api import CURVATURES, curvature_operator, hessian_density, hessian_diagonal, hessian_trace
@@ -19,6 +21,8 @@ from .density import SpectralDensity, spectral_density
 from .diagonal import DiagonalEstimate, exact_diagonal, hutchinson_diagonal
 from .plot import plot_spectral_density
 from .trace import TraceEstimate, estimate_trace, hutchinson_trace, hutchpp_trace
+from .ggn_diagonal import ggn_diagonal
+from .hesscale import hesscale_diagonal
 
 __all__ = [
     "hutchinson_trace",
@@ -41,4 +45,6 @@ __all__ = [
     "hessian_diagonal",
     "curvature_operator",
     "CURVATURES",
+    "hesscale_diagonal",
+    "ggn_diagonal",
 ]
