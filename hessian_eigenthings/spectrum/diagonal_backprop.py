@@ -86,6 +86,7 @@ def backprop_diagonal(
     use_gpu: bool = True,
     max_possible_gpu_samples: int = 256,
     verbose: bool = True,
+    check_model: Optional[Callable[[nn.Module, list[str], list[Tensor]], Any]] = None,
 ) -> BackpropResult:
     """Run ``chunk_diagonal`` on every micro-batch of ``dataloader`` and combine the results.
 
@@ -95,6 +96,8 @@ def backprop_diagonal(
         chunk_diagonal: the method's per-micro-batch computation (see :data:`ChunkDiagonal`).
         params, eval_mode, device, use_gpu, max_possible_gpu_samples: as for :class:`HVPOperator`.
         verbose: show a progress bar over the batches.
+        check_model: called with the model (in the modes it is used in), the chosen parameters'
+            names and the parameters, before any data is read, to refuse an unsupported model early.
     """
     model = distributed.unwrap_model(model)
     names, chosen = select_parameters(model, params)
@@ -121,6 +124,8 @@ def backprop_diagonal(
                 work.eval()
         named = dict(work.named_parameters())
         work_params = [named[name] for name in names]
+        if check_model is not None:
+            check_model(work, names, work_params)
         totals: Optional[list[Tensor]] = None
         variance: Optional[Tensor] = None
         seen, passes, reduction = 0, 0, None

@@ -281,5 +281,6 @@ def ggn_diagonal(
     result = backprop_diagonal(
         method, model, dataloader, loss, ggn_chunk(loss, mc_samples, generator), params=params, eval_mode=eval_mode,
         device=device, use_gpu=use_gpu, max_possible_gpu_samples=max_possible_gpu_samples, verbose=verbose,
+        check_model=lambda work, names, chosen: _Watch(work, names, chosen, 0),
     )
     return as_estimate(result, method, std_error="zero" if mc_samples is None else "sampled")

@@ -274,8 +274,8 @@ def _input_diagonal(layer: nn.Module, x: Tensor, diag: Tensor, grad: Optional[Te
 def _elementwise_derivatives(layer: nn.Module, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     """f'(x) and f''(x) of an elementwise activation (None for piecewise-linear ones)."""
     with torch.enable_grad():
-        xs = x.detach().clone().requires_grad_(True)
-        y = layer(xs)
+        xs = x.detach().requires_grad_(True)
+        y = layer(xs.clone() if getattr(layer, "inplace", False) else xs)
         (first,) = torch.autograd.grad(y.sum(), xs, create_graph=not isinstance(layer, PIECEWISE_LINEAR))
         if isinstance(layer, PIECEWISE_LINEAR) or not first.requires_grad:
             return first.detach(), None
@@ -380,6 +380,7 @@ def hesscale_diagonal(
     result = backprop_diagonal(
         "hesscale", model, dataloader, loss, hesscale_chunk(loss, curvature), params=params, eval_mode=eval_mode,
         device=device, use_gpu=use_gpu, max_possible_gpu_samples=max_possible_gpu_samples, verbose=verbose,
+        check_model=lambda work, names, chosen: _check_layers(sequential_layers(work, "method='hesscale'"), curvature),
     )
     estimate = as_estimate(result, "hesscale", std_error="unknown")
     estimate.info["curvature"] = curvature
