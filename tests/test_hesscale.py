@@ -99,10 +99,15 @@ def _cnn():
     return model.eval(), x, y  # eval: the dense reference must use the running statistics too
 
 
-def test_last_layer_block_is_exact_for_a_cnn():
+@pytest.fixture(scope="module")
+def cnn_problem():
     model, x, y = _cnn()
+    return model, x, y, dense_loss_hessian(model, F.cross_entropy, x, y).diagonal()
+
+
+def test_last_layer_block_is_exact_for_a_cnn(cnn_problem):
+    model, x, y, truth = cnn_problem
     result = hesscale_diagonal(model, batches(x, y, [30, 18]), F.cross_entropy, verbose=False)
-    truth = dense_loss_hessian(model, F.cross_entropy, x, y).diagonal()
     last = 24 * 5 + 5
     assert torch.allclose(result.diagonal[-last:], truth[-last:], rtol=1e-10, atol=1e-16)
 
@@ -111,7 +116,7 @@ def _relative_error(found, truth):
     return float((found - truth).norm() / truth.norm())
 
 
-def test_measured_error_on_small_mlps_and_a_cnn():
+def test_measured_error_on_small_mlps_and_a_cnn(cnn_problem):
     # The numbers the documentation quotes; the bounds only catch a regression.
     errors = {}
     for activation in (nn.Tanh, nn.ReLU):
@@ -120,9 +125,9 @@ def test_measured_error_on_small_mlps_and_a_cnn():
         x, y = classification_data(num=128, din=10, classes=4)
         found = hesscale_diagonal(model, [(x, y)], F.cross_entropy, verbose=False).diagonal
         errors[activation.__name__] = _relative_error(found, dense_loss_hessian(model, F.cross_entropy, x, y).diagonal())
-    model, x, y = _cnn()
+    model, x, y, truth = cnn_problem
     found = hesscale_diagonal(model, [(x, y)], F.cross_entropy, verbose=False).diagonal
-    errors["cnn"] = _relative_error(found, dense_loss_hessian(model, F.cross_entropy, x, y).diagonal())
+    errors["cnn"] = _relative_error(found, truth)
     assert errors["Tanh"] < 0.3 and errors["ReLU"] < 0.3 and errors["cnn"] < 0.6, errors
 
 

@@ -49,12 +49,17 @@ class LossCurvature:
 
     def factor(self) -> tuple[Tensor, Tensor]:
         """(B, K, R) columns f and (B, R) signs s with ``block_b = sum_r s_br f_br f_br^T``."""
-        values, vectors = torch.linalg.eigh(_symmetrised(self.blocks()))
+        values, vectors = self._eigen()
         return vectors * values.abs().sqrt().unsqueeze(1), torch.sign(values)
+
+    def _eigen(self) -> tuple[Tensor, Tensor]:
+        if not hasattr(self, "_eigenpairs"):
+            self._eigenpairs = torch.linalg.eigh(_symmetrised(self.blocks()))
+        return self._eigenpairs
 
     def sample(self, generator: torch.Generator) -> Tensor:
         """(B, ...) random r with ``E[r_b r_b^T] = block_b`` (the blocks must be positive semi-definite)."""
-        values, vectors = torch.linalg.eigh(_symmetrised(self.blocks()))
+        values, vectors = self._eigen()
         scale = values.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
         if bool((values < -1e3 * torch.finfo(values.dtype).eps * scale).any()):
             raise ValueError(
