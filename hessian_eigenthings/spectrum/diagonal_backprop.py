@@ -22,7 +22,7 @@ from .. import distributed
 from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch
 from ..model_utils import ParamSpec, common_device, common_dtype, preserved_model_state, select_parameters
 from ..utils import check_bool, check_positive_int, logger, progress, resolve_device
-from .loss_curvature import batch_reduction
+from .loss_curvature import batch_reduction, declared_reduction
 
 
 @dataclass
@@ -80,6 +80,7 @@ def backprop_diagonal(
     criterion: Callable[[Any, Any], Tensor],
     chunk_diagonal: ChunkDiagonal,
     *,
+    draws: int = 1,
     params: ParamSpec = None,
     eval_mode: bool = True,
     device: Any = None,
@@ -90,10 +91,15 @@ def backprop_diagonal(
 ) -> BackpropResult:
     """Run ``chunk_diagonal`` on every micro-batch of ``dataloader`` and combine the results.
 
+    Under torch.distributed each rank passes its own shard of the data; the sums (and sample
+    counts) are all-reduced once at the end, so every rank gets the diagonal over all shards, and
+    an error on one rank is raised on every rank instead of leaving the others waiting.
+
     Args:
         method: the public name, for messages and the progress bar.
         model, dataloader, criterion: as for the model operators: ``criterion(model(inputs), targets)``.
         chunk_diagonal: the method's per-micro-batch computation (see :data:`ChunkDiagonal`).
+        draws: how many independent diagonals ``chunk_diagonal`` returns (1 unless Monte-Carlo).
         params, eval_mode, device, use_gpu, max_possible_gpu_samples: as for :class:`HVPOperator`.
         verbose: show a progress bar over the batches.
         check_model: called with the model (in the modes it is used in), the chosen parameters'
@@ -111,26 +117,18 @@ def backprop_diagonal(
     dtype = common_dtype(chosen)
     model_device = common_device(chosen)
     target = resolve_compute_device(model_device, device, use_gpu)
-    shapes = [p.shape for p in chosen]
+    size = sum(p.numel() for p in chosen)
 
     with _untouched_random_state(target), preserved_model_state(model, eval_mode, restore_buffers=True):
-        if target == model_device or (target.type == model_device.type == "cuda" and target.index is None):
-            work = model
-        else:
-            logger.info("%s: computing on %s with a copy of the model (the model is on %s).", method, target,
-                        model_device)
-            work = copy.deepcopy(model).to(target)
-            if eval_mode:
-                work.eval()
+        work = _work_model(method, model, model_device, target, eval_mode)
         named = dict(work.named_parameters())
         work_params = [named[name] for name in names]
         if check_model is not None:
             check_model(work, names, work_params)
-        totals: Optional[list[Tensor]] = None
-        variance: Optional[Tensor] = None
-        seen, passes, reduction = 0, 0, None
-        total_batches = _length(dataloader)
-        with progress(total=total_batches, desc=method, verbose=verbose) as bar:
+        sums = _Sums(draws, size, dtype, target)
+        reduction: Optional[str] = None
+        guard = distributed.ProductGuard()
+        with guard, progress(total=_length(dataloader), desc=method, verbose=verbose) as bar:
             for index, batch in enumerate(dataloader):
                 inputs, targets = split_batch(batch, index)
                 count = num_samples(inputs, targets, index)
@@ -144,37 +142,66 @@ def backprop_diagonal(
                     chunk = Chunk(chunk_in, chunk_out, stop - start, reduction)
                     with torch.enable_grad():
                         pieces = chunk_diagonal(work, names, work_params, chunk)
-                    draws = pieces if pieces and isinstance(pieces[0], list) else [pieces]
-                    passes += chunk.passes
-                    weight = float(stop - start) if reduction == "mean" else 1.0
-                    flat = [torch.cat([d.reshape(-1) for d in draw]).to(dtype) * weight for draw in draws]
-                    if totals is None:
-                        totals = [torch.zeros_like(f) for f in flat]
-                        variance = torch.zeros_like(flat[0]) if len(flat) > 1 else None
-                    for total, f in zip(totals, flat):
-                        total.add_(f)
-                    if variance is not None:
-                        # draws are independent across micro-batches: variances of their means add up
-                        stacked = torch.stack(flat)
-                        variance.add_(stacked.var(dim=0, unbiased=True) / len(flat))
-                    seen += stop - start
+                    found = pieces if pieces and isinstance(pieces[0], list) else [pieces]
+                    sums.add(found, float(stop - start) if reduction == "mean" else 1.0, stop - start, chunk.passes)
                 bar.update(1)
-        if totals is None or seen == 0:
+        packed, seen = guard.reduce(sums.packed(), sums.samples, torch.zeros(1, 1))
+        if seen == 0:
             raise ValueError(f"{method}: every batch of the dataloader was empty; there is no loss to differentiate.")
-        if distributed.is_distributed():
-            packed = torch.cat([*totals, *([variance] if variance is not None else []),
-                                torch.tensor([float(seen)], dtype=totals[0].dtype, device=totals[0].device)])
-            packed = distributed.all_reduce_sum(packed)
-            n = totals[0].numel()
-            totals = [packed[i * n : (i + 1) * n] for i in range(len(totals))]
-            if variance is not None:
-                variance = packed[len(totals) * n : (len(totals) + 1) * n]
-            seen = int(round(float(packed[-1])))
+        totals, variance = sums.unpack(packed)
+        reduction = reduction or declared_reduction(criterion) or "mean"
         if reduction == "mean":
             totals = [t / seen for t in totals]
             if variance is not None:
                 variance = variance / seen**2
-    return BackpropResult(totals, variance, seen, reduction, names, shapes, passes)
+    return BackpropResult(totals, variance, seen, reduction, names, [p.shape for p in chosen], sums.passes)
+
+
+class _Sums:
+    """Running sums of the weighted per-micro-batch diagonals (one per draw), and for several
+    draws the variance of their mean (draws are independent across micro-batches, so the
+    variances of the micro-batches' means add up)."""
+
+    def __init__(self, draws: int, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.totals = [torch.zeros(size, dtype=dtype, device=device) for _ in range(draws)]
+        self.variance = torch.zeros(size, dtype=dtype, device=device) if draws > 1 else None
+        self.samples = 0
+        self.passes = 0
+
+    def add(self, found: list[list[Tensor]], weight: float, samples: int, passes: int) -> None:
+        if len(found) != len(self.totals):
+            raise RuntimeError(f"expected {len(self.totals)} draw(s) from the method, got {len(found)}")
+        flat = [torch.cat([d.reshape(-1) for d in draw]).to(self.totals[0].dtype) * weight for draw in found]
+        for total, value in zip(self.totals, flat):
+            total.add_(value)
+        if self.variance is not None:
+            self.variance.add_(torch.stack(flat).var(dim=0, unbiased=True) / len(flat))
+        self.samples += samples
+        self.passes += passes
+
+    def packed(self) -> Tensor:
+        """Everything to all-reduce, as one (k, 1) column."""
+        parts = self.totals + ([self.variance] if self.variance is not None else [])
+        return torch.cat(parts).unsqueeze(1)
+
+    def unpack(self, packed: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
+        n = self.totals[0].numel()
+        pieces = list(packed[:, 0].split(n))
+        if self.variance is not None:
+            return pieces[:-1], pieces[-1]
+        return pieces, None
+
+
+def _work_model(method: str, model: nn.Module, model_device: torch.device, target: torch.device,
+                eval_mode: bool) -> nn.Module:
+    """The model itself, or a copy on the compute device (in the same modes)."""
+    if target == model_device or (target.type == model_device.type == "cuda" and target.index is None):
+        return model
+    logger.info("%s: computing on %s with a copy of the model (the model is on %s).", method, target, model_device)
+    work = copy.deepcopy(model).to(target)
+    if eval_mode:
+        work.eval()
+    return work
 
 
 def _length(dataloader: Any) -> Optional[int]:
@@ -186,6 +213,9 @@ def _length(dataloader: Any) -> Optional[int]:
 
 def _detect_reduction(method: str, model: nn.Module, criterion: Callable, inputs: Any, targets: Any) -> str:
     """"mean" or "sum" for the criterion, judged once on the first micro-batch."""
+    declared = declared_reduction(criterion)
+    if declared is not None:
+        return declared
     with torch.no_grad():
         outputs = call_model(model, inputs)
     reduction = batch_reduction(criterion, outputs, targets)

@@ -279,7 +279,8 @@ def ggn_diagonal(
         generator = private_generator(seed)
     method = "ggn_exact" if mc_samples is None else "ggn_mc"
     result = backprop_diagonal(
-        method, model, dataloader, loss, ggn_chunk(loss, mc_samples, generator), params=params, eval_mode=eval_mode,
+        method, model, dataloader, loss, ggn_chunk(loss, mc_samples, generator), draws=mc_samples or 1,
+        params=params, eval_mode=eval_mode,
         device=device, use_gpu=use_gpu, max_possible_gpu_samples=max_possible_gpu_samples, verbose=verbose,
         check_model=lambda work, names, chosen: _Watch(work, names, chosen, 0),
     )

@@ -273,6 +273,10 @@ def _input_diagonal(layer: nn.Module, x: Tensor, diag: Tensor, grad: Optional[Te
 
 def _elementwise_derivatives(layer: nn.Module, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     """f'(x) and f''(x) of an elementwise activation (None for piecewise-linear ones)."""
+    if type(layer) is nn.ReLU:
+        return (x > 0).to(x.dtype), None
+    if type(layer) is nn.LeakyReLU:
+        return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, layer.negative_slope)), None
     with torch.enable_grad():
         xs = x.detach().requires_grad_(True)
         y = layer(xs.clone() if getattr(layer, "inplace", False) else xs)

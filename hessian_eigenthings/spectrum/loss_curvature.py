@@ -205,15 +205,27 @@ def loss_curvature(
     """The :class:`LossCurvature` of ``loss_fn`` (= ``criterion(., targets)``, possibly after parameter-
     free output layers) at ``outputs``: a closed form when ``criterion`` is applied directly
     (``closed_form``) and is one we know, else automatic differentiation."""
-    if closed_form and _plain_cross_entropy(criterion, outputs, targets):
-        return CrossEntropyCurvature(loss_fn, outputs, targets, criterion)  # type: ignore[arg-type]
-    if closed_form and isinstance(criterion, nn.MSELoss) and isinstance(targets, Tensor) \
-            and targets.shape == outputs.shape:
-        return MSECurvature(loss_fn, outputs, criterion)
+    module = known_loss_module(criterion)
+    if closed_form and _plain_cross_entropy(module, outputs, targets):
+        return CrossEntropyCurvature(loss_fn, outputs, targets, module)  # type: ignore[arg-type]
+    if closed_form and type(module) is nn.MSELoss and isinstance(targets, Tensor) and targets.shape == outputs.shape:
+        return MSECurvature(loss_fn, outputs, module)
     return LossCurvature(loss_fn, outputs)
 
 
-def _plain_cross_entropy(criterion: Callable, outputs: Tensor, targets: object) -> bool:
+def known_loss_module(criterion: Callable) -> Optional[nn.Module]:
+    """The loss module ``criterion`` is, or stands for: ``F.cross_entropy`` and ``F.mse_loss`` called with
+    their defaults are ``nn.CrossEntropyLoss()`` and ``nn.MSELoss()``."""
+    if isinstance(criterion, nn.Module):
+        return criterion
+    if criterion is nn.functional.cross_entropy:
+        return nn.CrossEntropyLoss()
+    if criterion is nn.functional.mse_loss:
+        return nn.MSELoss()
+    return None
+
+
+def _plain_cross_entropy(criterion: Optional[nn.Module], outputs: Tensor, targets: object) -> bool:
     return (
         type(criterion) is nn.CrossEntropyLoss and criterion.weight is None and outputs.dim() == 2
         and isinstance(targets, Tensor) and targets.dim() == 1 and not targets.dtype.is_floating_point
@@ -228,8 +240,8 @@ def batch_reduction(criterion: Callable, outputs: Tensor, targets: object) -> Op
     with the loss of the batch repeated twice: a mean is unchanged, a sum doubles. Anything else
     is refused, as the batches could not then be combined into the loss of the whole dataset.
     """
-    declared = getattr(criterion, "reduction", None)
-    if isinstance(criterion, nn.Module) and declared in ("mean", "sum"):
+    declared = declared_reduction(criterion)
+    if declared is not None:
         return declared
     with torch.no_grad():
         once = criterion(outputs, targets)
@@ -249,6 +261,13 @@ def batch_reduction(criterion: Callable, outputs: Tensor, targets: object) -> Op
         f"repeated twice {twice:.6g} (a mean would give the same, a sum twice as much). The backpropagated "
         f"diagonals combine batches as the operators do and need one of the two; use reduction='mean' or 'sum'."
     )
+
+
+def declared_reduction(criterion: Callable) -> Optional[str]:
+    """"mean" or "sum" when a loss module (or a known loss function) says so, else None."""
+    module = known_loss_module(criterion)
+    declared = getattr(module, "reduction", None)
+    return declared if declared in ("mean", "sum") else None
 
 
 def _repeated(obj: object) -> object:
