@@ -5,7 +5,8 @@ same data: one gradient (forward and backward over every batch), HesScale (``hes
 Gauss-Newton variant ``hesscale ggn``), the one-draw Monte-Carlo GGN diagonal (``ggn_mc``), the
 exact GGN diagonal (``ggn_exact``, one backward pass per class) and one Hutchinson probe (one
 Hessian-vector product, inside ``frozen()`` as the estimator runs it). Each time is the median of
-``--repeats`` runs, printed as a multiple of the gradient's time.
+``--repeats`` ratios (method time / gradient time, the two timed back to back so that drift of a
+shared machine cancels).
 
 The error of each diagonal is measured against the exact diagonals (Hessian and GGN) on a random
 sample of coordinates (``--coordinates``, drawn within every parameter tensor; all of them when
@@ -33,17 +34,26 @@ from hessian_eigenthings import GGNOperator, HVPOperator, ggn_diagonal, hesscale
 from workloads import Workload, make_workload
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    """Median seconds of ``repeats`` calls (after one warm-up) and the last result."""
+def _seconds(fn: Callable[[], object]) -> tuple[float, object]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     result = fn()
-    times = []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def paired_ratio(fn: Callable[[], object], gradient: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Median over ``repeats`` of (time of ``fn``) / (time of one gradient pass), the two timed back to
+    back after a warm-up of each, so that drift of a shared machine cancels; and ``fn``'s last result."""
+    fn(), gradient()
+    ratios, result = [], None
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        grad_time, _ = _seconds(gradient)
+        seconds, result = _seconds(fn)
+        ratios.append(seconds / grad_time)
+    return statistics.median(ratios), result
 
 
 def gradient_pass(work: Workload) -> Callable[[], list[Tensor]]:
@@ -86,10 +96,10 @@ def relative_error(found: Tensor, truth: Tensor) -> float:
     return float((found.double().cpu() - truth).norm() / truth.norm())
 
 
-def measure(work: Workload, args: argparse.Namespace) -> list[tuple]:
+def measure(work: Workload, args: argparse.Namespace) -> tuple[list[tuple], float, int]:
     options = dict(use_gpu=work.batches[0][0].is_cuda, verbose=False, max_possible_gpu_samples=4096)
-    grad_time, _ = timed(gradient_pass(work), args.repeats)
-    rows: list[tuple] = []
+    gradient = gradient_pass(work)
+    grad_time = statistics.median(_seconds(gradient)[0] for _ in range(args.repeats))
     reference = work.in_float64()
     ref_options = dict(use_gpu=options["use_gpu"], max_possible_gpu_samples=4096)
     coordinates = sampled_coordinates(work, args.coordinates, args.seed)
@@ -98,34 +108,35 @@ def measure(work: Workload, args: argparse.Namespace) -> list[tuple]:
     exact_g = exact_entries(GGNOperator(reference.model, reference.batches, reference.criterion, **ref_options),
                             coordinates)
 
-    def row(name: str, seconds: float, diagonal: Tensor) -> tuple:
+    def row(name: str, ratio: float, diagonal: Tensor) -> tuple:
         picked = diagonal.detach().reshape(-1)[coordinates.to(diagonal.device)]
-        return (name, seconds / grad_time, relative_error(picked, exact_h), relative_error(picked, exact_g))
+        return (name, ratio, relative_error(picked, exact_h), relative_error(picked, exact_g))
 
-    hesscale_time, hesscale = timed(
-        lambda: hesscale_diagonal(work.model, work.batches, work.criterion, **options), args.repeats)
-    rows.append(row("hesscale", hesscale_time, hesscale.diagonal))
-    seconds, estimate = timed(
-        lambda: hesscale_diagonal(work.model, work.batches, work.criterion, curvature="ggn", **options), args.repeats)
-    rows.append(row("hesscale ggn", seconds, estimate.diagonal))
-    mc_time, estimate = timed(
-        lambda: ggn_diagonal(work.model, work.batches, work.criterion, mc_samples=1, seed=args.seed, **options),
-        args.repeats)
-    rows.append(row("ggn_mc (1 draw)", mc_time, estimate.diagonal))
-    seconds, estimate = timed(lambda: ggn_diagonal(work.model, work.batches, work.criterion, **options),
-                              max(1, args.repeats // 2))
-    rows.append(row("ggn_exact", seconds, estimate.diagonal))
+    rows: list[tuple] = []
+    model, data, loss = work.model, work.batches, work.criterion
+    hesscale_ratio, estimate = paired_ratio(lambda: hesscale_diagonal(model, data, loss, **options), gradient,
+                                            args.repeats)
+    rows.append(row("hesscale", hesscale_ratio, estimate.diagonal))
+    ratio, estimate = paired_ratio(lambda: hesscale_diagonal(model, data, loss, curvature="ggn", **options), gradient,
+                                   args.repeats)
+    rows.append(row("hesscale, curvature='ggn'", ratio, estimate.diagonal))
+    ratio, estimate = paired_ratio(
+        lambda: ggn_diagonal(model, data, loss, mc_samples=1, seed=args.seed, **options), gradient, args.repeats)
+    rows.append(row("ggn_mc (1 draw)", ratio, estimate.diagonal))
+    ratio, estimate = paired_ratio(lambda: ggn_diagonal(model, data, loss, **options), gradient,
+                                   max(1, args.repeats // 2))
+    rows.append(row("ggn_exact", ratio, estimate.diagonal))
 
-    op = HVPOperator(work.model, work.batches, work.criterion, **{k: v for k, v in options.items() if k != "verbose"})
+    op = HVPOperator(model, data, loss, **{k: v for k, v in options.items() if k != "verbose"})
     probe = torch.randn(op.size, 1, dtype=op.dtype, device=op.device)
     with op.frozen():
-        probe_time, _ = timed(lambda: op.apply_block(probe), args.repeats)
-    probes = max(1, int(hesscale_time / probe_time))
-    seconds, estimate = timed(
+        probe_ratio, _ = paired_ratio(lambda: op.apply_block(probe), gradient, args.repeats)
+    probes = max(1, int(hesscale_ratio / probe_ratio))
+    ratio, estimate = paired_ratio(
         lambda: hutchinson_diagonal(op, max_products=probes, block_size=min(probes, 16), seed=args.seed, verbose=False),
-        max(1, args.repeats // 2))
-    rows.append(row(f"hutchinson, {probes} probe(s) (HesScale's time)", seconds, estimate.diagonal))
-    rows.append(("hutchinson, one probe", probe_time / grad_time, float("nan"), float("nan")))
+        gradient, max(1, args.repeats // 2))
+    rows.append(row(f"hutchinson, {probes} probe(s) (HesScale's time)", ratio, estimate.diagonal))
+    rows.append(("one Hessian-vector product (kept graphs)", probe_ratio, float("nan"), float("nan")))
     return rows, grad_time, len(coordinates)
 
 

@@ -1,6 +1,8 @@
 """The exact and Monte-Carlo GGN diagonals against the diagonal of the dense GGN
 (``dense_matrix(GGNOperator(...))``) in float64."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -224,3 +226,22 @@ def test_model_and_random_state_unchanged_also_on_error():
     assert_model_unchanged(model, before)
     assert torch.equal(torch.get_rng_state(), state)
     assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["hesscale", "ggn_exact", "ggn_mc"])
+def test_cuda_matches_cpu(method):
+    model, x, y = _cnn()
+    loader = batches(x, y, [25, 15])
+    options = dict(method=method, verbose=False, seed=0) if method == "ggn_mc" else dict(method=method, verbose=False)
+    cpu = hessian_diagonal(model, loader, F.cross_entropy, use_gpu=False, **options)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = hessian_diagonal(gpu_model, loader, F.cross_entropy, **options)
+    assert gpu.diagonal.device.type == "cuda"
+    if method == "ggn_mc":  # the draws come from the same CPU generator
+        assert torch.allclose(gpu.diagonal.cpu(), cpu.diagonal, rtol=1e-8, atol=1e-12)
+    else:
+        assert torch.allclose(gpu.diagonal.cpu(), cpu.diagonal, rtol=1e-9, atol=1e-14)
+    on_copy = hessian_diagonal(model, loader, F.cross_entropy, use_gpu=True, **options)  # CPU model, CUDA copy
+    assert on_copy.diagonal.device.type == "cuda" and all(p.device.type == "cpu" for p in model.parameters())

@@ -393,3 +393,28 @@ def test_cuda_solves_stay_on_device_and_sync_only_at_checks(name):
     assert len(syncs) <= 12 * result.info["checks"] + 20
     ref = _solve(a.cpu(), b.cpu())
     assert _relative_error(result.x.cpu(), ref).max() < 1e-7
+
+
+@pytest.mark.parametrize("name", ["cg", "minres"])
+def test_solves_run_inside_frozen(spd, name):
+    class Watched(MatrixOperator):
+        inside = 0
+
+        def frozen(self):
+            import contextlib
+
+            @contextlib.contextmanager
+            def block():
+                Watched.inside += 1
+                try:
+                    yield
+                finally:
+                    Watched.inside -= 1
+            return block()
+
+        def _matmat(self, mat):
+            assert Watched.inside == 1, "a product outside frozen()"
+            return super()._matmat(mat)
+
+    result = SOLVERS[name](Watched(spd), _rhs(80, 2, seed=30), verbose=False)
+    assert result.converged and Watched.inside == 0
