@@ -210,12 +210,13 @@ class BlockSolve:
         for pos, local in enumerate(finished):
             j, why = int(block.columns[local]), int(reason[local])
             self.iterations[j] = iters[local]
+            ok = bool(true_norms[pos] <= self.thresholds_h[j])
             if why == REJECTED:
                 error = self.recurrence.rejection(block.state, self.extras, int(local), j, int(iters[local]) + 1)
                 if error is not None:
                     raise error
-                self.notes["not_positive_definite"].append(j)
-            ok = bool(true_norms[pos] <= self.thresholds_h[j])
+                if not ok:
+                    self.notes["not_positive_definite"].append(j)
             if (not ok and why == CONVERGED and self.restarts[j] < MAX_RESTARTS
                     and iters[local] < self.problem.max_iters):
                 # The recurrence's residual drifted from the true one: go on from the true residual.
