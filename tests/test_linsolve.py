@@ -205,18 +205,19 @@ def test_cg_damping_makes_the_indefinite_system_solvable(indefinite):
     assert result.converged and np.allclose(result.x.numpy(), ref, rtol=1e-8, atol=1e-9)
 
 
-def test_minres_on_a_singular_inconsistent_system_returns_least_squares():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_minres_on_a_singular_inconsistent_system_returns_least_squares(dtype):
     lam = list(np.linspace(-3.0, 5.0, 40))
     lam[4] = lam[20] = 0.0
     a, _, _ = planted_matrix(lam, seed=15)
     b = _rhs(40, 2, seed=16)
     with pytest.warns(ConvergenceWarning, match="least-squares"):
-        result = minres(a, b, verbose=False)
+        result = minres(a.to(dtype), b.to(dtype), verbose=False)
     assert not result.converged and result.info["singular"] == [0, 1]
     least_squares = np.linalg.lstsq(a.numpy(), b.numpy(), rcond=None)[0]
     best = np.linalg.norm(b.numpy() - a.numpy() @ least_squares, axis=0)
-    assert np.allclose(result.final_residual_norms, best, rtol=1e-8)
-    assert result.iterations < 80  # it stops, instead of running to max_iters
+    assert np.allclose(result.final_residual_norms, best, rtol=1e-8 if dtype == torch.float64 else 1e-4)
+    assert result.iterations < 120  # it stops, instead of running to max_iters
 
 
 def test_singular_but_consistent_systems_converge():

@@ -276,8 +276,9 @@ class BlockSolve:
         advice = []
         if singular:
             advice.append(
-                f"column(s) {_few(singular)} stopped at a least-squares solution: b is not in the range of the "
-                f"operator (it is singular), so no x meets the tolerance; damping regularises the system"
+                f"column(s) {_few(singular)} stopped at a least-squares solution where the residual no longer "
+                f"falls: the operator is singular (or nearly so) and b has a part outside its range, so no x meets "
+                f"the tolerance; damping regularises the system"
             )
         if indefinite:
             advice.append(

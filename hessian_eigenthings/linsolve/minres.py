@@ -23,6 +23,10 @@ from .driver import BlockSolve, State
 from .problem import LinearProblem, Preconditioner, check_problem
 from .result import SolveResult
 
+# Iterations over which a least-squares solution must have left the residual unchanged before a
+# column is stopped as singular.
+STALL_WINDOW = 5
+
 
 class Minres:
     """The MINRES recurrence for a block of independent columns (see :class:`.driver.Recurrence`)."""
@@ -41,6 +45,10 @@ class Minres:
             "beta": beta, "oldb": zeros_k.clone(), "dbar": zeros_k.clone(), "epsln": zeros_k.clone(),
             "phibar": beta.clone(), "cs": torch.full_like(beta, -1.0), "sn": zeros_k.clone(),
             "anorm": zeros_k.clone(),
+            # the residual norms of the last STALL_WINDOW iterations (oldest first), and the smallest
+            # ||A r|| / (||A|| ||r||) among them
+            "recent": torch.full((STALL_WINDOW, beta.shape[0]), float("inf"), dtype=beta.dtype, device=beta.device),
+            "ratios": torch.full((STALL_WINDOW, beta.shape[0]), float("inf"), dtype=beta.dtype, device=beta.device),
         }
         if problem.precondition is not None:
             state.update({"res": r.clone(), "aw": torch.zeros_like(r), "aw2": torch.zeros_like(r)})
@@ -87,12 +95,18 @@ class Minres:
             rnorm = torch.linalg.vector_norm(new["res"], dim=0)
         else:
             rnorm = phibar.abs()
-        # ||A r|| of the previous iterate, from the recurrence. Once it is negligible against
-        # ||A|| ||r||, x solves the least-squares problem and the residual cannot fall further (a
-        # singular system); going on would only let rounding grow x. Rounding keeps the ratio above
-        # about sqrt(eps), hence the floor.
+        # ||A r|| of the previous iterate, from the recurrence. When it has been negligible against
+        # ||A|| ||r|| (rounding keeps the ratio above about sqrt(eps), hence the floor) AND the
+        # residual has not moved for STALL_WINDOW iterations, x solves the least-squares problem of a
+        # singular (or numerically singular) system and the residual cannot fall further; going on
+        # would only let rounding grow x. A small ratio alone is not enough: an ill-conditioned
+        # system has it too while its residual still falls slowly.
         ar_norm = phibar.abs() * torch.sqrt(gbar**2 + dbar**2)
-        least_squares = ar_norm <= max(problem.rtol, eps**0.5) * anorm * rnorm
+        ratio = ar_norm / (anorm * rnorm).clamp_min(torch.finfo(rnorm.dtype).tiny)
+        new["recent"] = torch.cat([state["recent"][1:], rnorm.unsqueeze(0)])
+        new["ratios"] = torch.cat([state["ratios"][1:], ratio.unsqueeze(0)])
+        stalled = rnorm >= (1 - eps**0.5) * state["recent"][0]
+        least_squares = (new["ratios"].amin(dim=0) <= max(problem.rtol, eps**0.5)) & stalled
         lanczos_done = beta_next <= eps * anorm  # an invariant Krylov space: nothing further to gain
         # Where singular, keep the old state (the driver merges columns that are not rejected).
         new = {key: torch.where(singular, state[key], value) for key, value in new.items()}
@@ -151,8 +165,8 @@ def minres(
 
     Returns:
         A :class:`SolveResult`. A singular system whose ``b`` is not in the range of the operator has
-        no solution: the column stops at a least-squares solution with ``converged=False`` and is
-        listed in ``info["singular"]``. Warns (``ConvergenceWarning``) when a column did not converge.
+        no solution: once the residual stops falling at a least-squares solution, the column stops with
+        ``converged=False`` and is listed in ``info["singular"]``. Warns (``ConvergenceWarning``) when a column did not converge.
     """
     problem = check_problem("minres", operator, b, damping, x0, rtol, atol, max_iters, preconditioner, check_every)
     return BlockSolve(problem, Minres()).run(verbose)

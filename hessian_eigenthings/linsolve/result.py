@@ -49,8 +49,9 @@ class SolveResult:
             bools, "column_iterations" (m,) ints, "final_residual_norms" (m,) true residual norms,
             "rhs_norms" (m,) ``||b_j||``, "restarts" (m,) residual replacements, and the columns
             that stopped for a reason other than convergence: "not_positive_definite" (CG with
-            ``on_indefinite="return"``), "singular" (MINRES: ``b`` is not in the range of the
-            operator; ``x`` is then a least-squares solution).
+            ``on_indefinite="return"``), "singular" (MINRES: the residual stopped falling at a
+            least-squares solution: the operator is singular, or nearly so, and ``b`` is not in its
+            range), and "checks" (host looks at the residuals).
     """
 
     x: Tensor
