@@ -123,8 +123,9 @@ class Minres:
 
     def rejection(self, state: State, extras: State, local: int, column: int, iteration: int) -> Optional[Exception]:
         return ValueError(
-            "minres: the preconditioner is not positive definite (r^T M^-1 r <= 0 for a residual r != 0). MINRES needs a positive definite M even for an indefinite A: for a Hessian diagonal "
-            "d pass d.abs() + damping (or d.abs().clamp_min(eps))."
+            "minres: the preconditioner is not positive definite (r^T M^-1 r <= 0 for a residual r != 0). MINRES "
+            "needs a positive definite M even for an indefinite A: for a Hessian diagonal d pass d.abs() + damping "
+            "(or d.abs().clamp_min(eps))."
         )
 
 
@@ -166,7 +167,8 @@ def minres(
     Returns:
         A :class:`SolveResult`. A singular system whose ``b`` is not in the range of the operator has
         no solution: once the residual stops falling at a least-squares solution, the column stops with
-        ``converged=False`` and is listed in ``info["singular"]``. Warns (``ConvergenceWarning``) when a column did not converge.
+        ``converged=False`` and is listed in ``info["singular"]``. Warns (``ConvergenceWarning``) when a
+        column did not converge.
     """
     problem = check_problem("minres", operator, b, damping, x0, rtol, atol, max_iters, preconditioner, check_every)
     return BlockSolve(problem, Minres()).run(verbose)

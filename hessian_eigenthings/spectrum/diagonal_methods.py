@@ -39,7 +39,9 @@ def resolve_method(method: Any, exact: Any) -> str:
             f"hessian_diagonal: method={method!r} is not known; choose one of {', '.join(map(repr, DIAGONAL_METHODS))}."
         )
     if exact and method != "exact":
-        raise ValueError(f"hessian_diagonal: exact=True is the same as method='exact', which contradicts method={method!r}.")
+        raise ValueError(
+            f"hessian_diagonal: exact=True is the same as method='exact', which contradicts method={method!r}."
+        )
     return method
 
 

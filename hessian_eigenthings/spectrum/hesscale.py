@@ -120,7 +120,9 @@ def _check_layers(layers: list[tuple[str, nn.Module]], curvature: str) -> int:
                 )
             _conv_padding(layer, name)
         if isinstance(layer, MAX_POOLS) and layer.return_indices:
-            raise ValueError(f"method='hesscale': pooling layer {name!r} returns indices; only its output is supported.")
+            raise ValueError(
+                f"method='hesscale': pooling layer {name!r} returns indices; only its output is supported."
+            )
     return tail
 
 
@@ -323,7 +325,8 @@ def _adaptive_weights(layer: nn.Module, x: Tensor, diag: Tensor) -> Tensor:
     for axis in range(dims):
         length, size = x.shape[x.dim() - dims + axis], diag.shape[diag.dim() - dims + axis]
         o = torch.arange(size, device=x.device)
-        counts = torch.div((o + 1) * length + size - 1, size, rounding_mode="floor") - torch.div(o * length, size, rounding_mode="floor")
+        ends = torch.div((o + 1) * length + size - 1, size, rounding_mode="floor")
+        counts = ends - torch.div(o * length, size, rounding_mode="floor")
         shape = [1] * dims
         shape[axis] = size
         weights = weights * (1.0 / counts.to(x.dtype)).reshape(shape)

@@ -146,7 +146,9 @@ class CrossEntropyCurvature(LossCurvature):
     """``nn.CrossEntropyLoss`` on (B, C) logits with class-index targets and ``weight=None``:
     row b's block is ``c_b (diag(p_b) - p_b p_b^T)``, whatever the label smoothing."""
 
-    def __init__(self, loss_fn: Callable[[Tensor], Tensor], outputs: Tensor, targets: Tensor, module: nn.CrossEntropyLoss) -> None:
+    def __init__(
+        self, loss_fn: Callable[[Tensor], Tensor], outputs: Tensor, targets: Tensor, module: nn.CrossEntropyLoss
+    ) -> None:
         super().__init__(loss_fn, outputs)
         valid = (targets != module.ignore_index).to(self.z.dtype)
         if module.reduction == "mean":
