@@ -28,7 +28,7 @@ import time
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from hessian_eigenthings import GGNOperator, HVPOperator, ggn_diagonal, hesscale_diagonal, hutchinson_diagonal
 from workloads import Workload, make_workload

@@ -1,7 +1,6 @@
 """HesScale against exact Hessian diagonals (dense autograd Hessians in float64) and its layer rules
 against brute-force Jacobians."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,7 +13,6 @@ from helpers import (
     classification_data,
     dense_loss_hessian,
     model_snapshot,
-    small_mlp,
 )
 
 F = nn.functional
@@ -247,7 +245,7 @@ def test_nested_sequential_and_params_subset():
 
 @pytest.mark.parametrize("model, match", [
     (lambda: nn.Sequential(nn.Linear(10, 4), nn.Sequential(nn.Identity(), nn.LayerNorm(4))), r"'1\.1' \(LayerNorm\)"),
-    (lambda: small_mlp().train() and nn.ModuleList([nn.Linear(10, 4)]), "nn.Sequential"),
+    (lambda: nn.ModuleList([nn.Linear(10, 4)]), "nn.Sequential"),
     (lambda: nn.Sequential(nn.Linear(10, 4), nn.Softmax(dim=1), nn.Linear(4, 4)), "only supported at the end"),
     (lambda: nn.Sequential(nn.Conv1d(1, 1, 2, padding_mode="circular", padding=1), nn.Flatten()), "circular"),
 ])

@@ -26,7 +26,6 @@ from helpers import (
     mini_batch_like,
     model_snapshot,
     planted_matrix,
-    small_mlp,
 )
 
 F = nn.functional
