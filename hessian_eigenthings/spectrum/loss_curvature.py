@@ -172,8 +172,10 @@ class CrossEntropyCurvature(LossCurvature):
 
     def sample(self, generator: torch.Generator) -> Tensor:
         # a label drawn from the model's predictive distribution: E[(p - e_y)(p - e_y)^T] = diag(p) - p p^T
-        drawn = torch.multinomial(self.probs.detach().to("cpu", torch.float64), 1, generator=generator)[:, 0]
-        onehot = nn.functional.one_hot(drawn.to(self.z.device), self.k).to(self.z.dtype)
+        # inverse transform: the first class whose cumulative probability exceeds a uniform number
+        uniform = torch.rand(self.rows, 1, generator=generator, dtype=torch.float64).to(self.z.device, self.z.dtype)
+        drawn = (self.probs.cumsum(dim=1) < uniform).sum(dim=1).clamp_max(self.k - 1)
+        onehot = nn.functional.one_hot(drawn, self.k).to(self.z.dtype)
         return self.scale.sqrt()[:, None] * (self.probs - onehot)
 
 
