@@ -18,7 +18,7 @@ from .diagonal import DiagonalEstimate
 from .ggn_diagonal import ggn_diagonal
 from .hesscale import hesscale_diagonal
 
-DIAGONAL_METHODS = ("hutchinson", "exact", "hesscale", "ggn_exact", "ggn_mc")
+HESSIAN_DIAGONAL_METHODS = ("hutchinson", "exact", "hesscale", "ggn_exact", "ggn_mc")
 BACKPROP_METHODS = ("hesscale", "ggn_exact", "ggn_mc")
 
 _COMMON_OPTIONS = ("params", "eval_mode", "device", "verbose")
@@ -34,9 +34,9 @@ def resolve_method(method: Any, exact: Any) -> str:
     exact = check_bool(exact, "exact")
     if method is None:
         return "exact" if exact else "hutchinson"
-    if method not in DIAGONAL_METHODS:
+    if method not in HESSIAN_DIAGONAL_METHODS:
         raise ValueError(
-            f"hessian_diagonal: method={method!r} is not known; choose one of {', '.join(map(repr, DIAGONAL_METHODS))}."
+            f"hessian_diagonal: method={method!r} is not known; choose one of {', '.join(map(repr, HESSIAN_DIAGONAL_METHODS))}."
         )
     if exact and method != "exact":
         raise ValueError(
