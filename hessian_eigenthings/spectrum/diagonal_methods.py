@@ -36,7 +36,8 @@ def resolve_method(method: Any, exact: Any) -> str:
         return "exact" if exact else "hutchinson"
     if method not in HESSIAN_DIAGONAL_METHODS:
         raise ValueError(
-            f"hessian_diagonal: method={method!r} is not known; choose one of {', '.join(map(repr, HESSIAN_DIAGONAL_METHODS))}."
+            f"hessian_diagonal: method={method!r} is not known; choose one of "
+            f"{', '.join(map(repr, HESSIAN_DIAGONAL_METHODS))}."
         )
     if exact and method != "exact":
         raise ValueError(
