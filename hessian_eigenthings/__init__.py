@@ -129,3 +129,13 @@ __all__ += [
     "deflate",
     "submatrix",
 ]
+
+# linear systems with any symmetric operator: conjugate gradients and MINRES
+from .linsolve import NotPositiveDefiniteError, SolveResult, cg, minres  # noqa: E402
+
+__all__ += ["cg", "minres", "SolveResult", "NotPositiveDefiniteError"]
+
+# diagonals backpropagated at about a gradient's cost: HesScale and the GGN diagonal
+from .spectrum import ggn_diagonal, hesscale_diagonal  # noqa: E402
+
+__all__ += ["hesscale_diagonal", "ggn_diagonal"]

@@ -15,6 +15,8 @@ the GGN, the empirical Fisher, a parameter block of any of them, a user's own op
 * ``dense.py``: :func:`dense_matrix`, :func:`loss_hessian`, :func:`output_hessian`,
   :func:`dense_eigenthings`.
 * ``api.py``: :func:`hessian_trace`, :func:`hessian_density`, :func:`hessian_diagonal`.
+* ``hesscale.py``: :func:`hesscale_diagonal` (HesScale, backpropagated layer by layer).
+* ``ggn_diagonal.py``: :func:`ggn_diagonal` (exact and Monte-Carlo GGN diagonals by backpropagation).
 """
 
 from .api import CURVATURES, curvature_operator, hessian_density, hessian_diagonal, hessian_trace
@@ -33,6 +35,8 @@ from .frobenius import (
 )
 from .trace import TRACE_METHODS
 from .exchangeable import xdiag, xtrace
+from .ggn_diagonal import ggn_diagonal
+from .hesscale import hesscale_diagonal
 
 __all__ = [
     "hutchinson_trace",
@@ -65,4 +69,6 @@ __all__ = [
     "hutchpp_frobenius",
     "xtrace_frobenius",
     "estimate_frobenius",
+    "hesscale_diagonal",
+    "ggn_diagonal",
 ]

@@ -19,6 +19,7 @@ from ..operators.hvp import HVPOperator
 from ..operators.model_operator import ModelOperator
 from .density import SpectralDensity, spectral_density
 from .diagonal import DiagonalEstimate, exact_diagonal, hutchinson_diagonal
+from .exchangeable import xdiag
 from .trace import TRACE_METHODS, TraceEstimate
 
 CURVATURES: dict[str, type] = {
@@ -149,28 +150,49 @@ def hessian_diagonal(
     fp16: bool = False,
     max_possible_gpu_samples: int = 2**16,
     curvature: str = "hessian",
+    method: Optional[str] = None,
     **kwargs: Any,
 ) -> DiagonalEstimate:
     """Diagonal of the Hessian of ``loss(model(x), y)`` over ``dataloader``.
 
     Args:
-        exact: False (default): Hutchinson's stochastic estimate with per-entry standard errors
-            (:func:`hutchinson_diagonal`); True: the exact diagonal from n products
-            (:func:`exact_diagonal`, for small models or a ``params=`` block; full dataset only).
+        method: how to compute it:
+
+            * "hutchinson" (default): Hutchinson's stochastic estimate with per-entry standard
+              errors from Hessian-vector products (:func:`hutchinson_diagonal`);
+            * "exact": the exact diagonal from n products (:func:`exact_diagonal`, for small models
+              or a ``params=`` block; full dataset only);
+            * "xdiag": XDiag (:func:`xdiag`), exchangeable, much more accurate than Hutchinson for
+              the same products on Hessians (full dataset only);
+            * "hesscale": HesScale's layer-by-layer approximation at about one gradient's cost, for
+              an ``nn.Sequential`` of supported layers (:func:`hesscale_diagonal`; with
+              ``curvature="ggn"`` the GGN variant); ``std_error`` is NaN (not a statistical error);
+            * "ggn_exact": the exact GGN diagonal, one backward pass per model output of a sample
+              (:func:`ggn_diagonal`);
+            * "ggn_mc": its unbiased Monte-Carlo estimate, one backward pass per draw
+              (``mc_samples``, default 1; ``seed``).
+        exact: True is the same as ``method="exact"`` (kept for compatibility).
         model, dataloader, loss, full_dataset, use_gpu, fp16, max_possible_gpu_samples: as in
-            :func:`compute_hessian_eigenthings`.
-        curvature: "hessian" (default), "ggn" or "fisher".
+            :func:`compute_hessian_eigenthings`. The backpropagated methods read the whole dataset.
+        curvature: "hessian" (default), "ggn" or "fisher" (the GGN methods imply "ggn").
         **kwargs: to the operator (``params``, ...) or to the estimator (``max_products``, ``tol``,
-            ``rtol``, ``seed``, ``block_size``, ``verbose``, ...).
+            ``rtol``, ``seed``, ``block_size``, ``verbose``, ...); the backpropagated methods take
+            ``params``, ``eval_mode``, ``device``, ``verbose`` (and ``mc_samples``, ``seed``).
 
     Returns:
         A :class:`DiagonalEstimate`; ``info["by_parameter"]`` holds the diagonal split into
         tensors shaped like the parameters, by name.
     """
-    estimator = exact_diagonal if exact else hutchinson_diagonal
+    from .diagonal_methods import BACKPROP_METHODS, backprop_method, resolve_method
+
+    method = resolve_method(method, exact)
+    if method in BACKPROP_METHODS:
+        return backprop_method(method, model, dataloader, loss, full_dataset, use_gpu, fp16,
+                               max_possible_gpu_samples, curvature, kwargs)
+    estimator = {"exact": exact_diagonal, "xdiag": xdiag, "hutchinson": hutchinson_diagonal}[method]
     op_kwargs, est_kwargs = _split_kwargs("hessian_diagonal", estimator, curvature, kwargs)
-    if exact and not full_dataset:
-        raise ValueError("hessian_diagonal(exact=True) needs the whole dataset: leave full_dataset=True.")
+    if method != "hutchinson" and not full_dataset:
+        raise ValueError(f"hessian_diagonal(method={method!r}) needs the whole dataset: leave full_dataset=True.")
     op = curvature_operator(model, dataloader, loss, curvature, full_dataset, use_gpu, fp16,
                             max_possible_gpu_samples, **op_kwargs)
     result = estimator(op, **est_kwargs)
