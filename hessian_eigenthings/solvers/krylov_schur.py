@@ -73,12 +73,22 @@ class KrylovSchurOutcome:
     checks: int
 
 
+def largest_basis(block_size: int, size: int) -> int:
+    """The most basis vectors a block of b allows in dimension n: n for single vectors, n - b for
+    blocks. The residual block that leaves the basis must be orthogonal to it; with b > 1 and fewer
+    than b dimensions left, its extra columns would be rounding noise that is not orthogonal to the
+    basis, and a restart that kept them would corrupt it. (A single vector only meets this when the
+    basis is the whole space, where every Ritz pair is exact and the solve ends.)"""
+    return size if block_size == 1 else size - block_size
+
+
 def default_basis_size(num_eigenthings: int, block_size: int, size: int) -> int:
     """The default most basis vectors: ``max(2k + 20, 40, k + 10b)`` rounded up to whole blocks,
-    capped at n. ARPACK's default basis for single vectors (measured best on planted and model
-    Hessian spectra, with a 30% thick restart); a block needs about ten blocks of Krylov degree."""
+    capped at :func:`largest_basis`. ARPACK's default basis for single vectors (measured best on
+    planted and model Hessian spectra, with a 30% thick restart); a block needs about ten blocks of
+    Krylov degree."""
     wanted = max(2 * num_eigenthings + 20, 40, num_eigenthings + 10 * block_size)
-    return min(size, block_size * math.ceil(wanted / block_size))
+    return min(largest_basis(block_size, size), block_size * math.ceil(wanted / block_size))
 
 
 #: The widest default block: batched products stop paying off beyond it.
@@ -88,10 +98,12 @@ MAX_DEFAULT_BLOCK = 8
 def default_block_size(num_eigenthings: int, size: Optional[int] = None) -> int:
     """``min(max(k, 2), 8)``: a block as wide as the wanted pairs (so a cluster or a repeated
     eigenvalue among them is found), within the width where batched products still pay off; shrunk
-    so that a block method fits the operator size n (k + 2b <= n), down to 1."""
+    so that a block method fits the operator size n (k + 3b <= n: a basis of k + 2b and the next
+    block), down to 1."""
     block = min(max(num_eigenthings, 2), MAX_DEFAULT_BLOCK)
-    if size is not None:
-        block = max(1, min(block, (size - num_eigenthings) // 2))
+    if size is not None and num_eigenthings + 3 * block > size:
+        block = (size - num_eigenthings) // 3
+        block = block if block >= 2 else 1
     return block
 
 
@@ -278,10 +290,11 @@ def native_solve(
             b = default_block_size(k, n)
         else:
             b = check_positive_int(block_size, "block_size")
-            if b > 1 and k + 2 * b > n:
+            if b > 1 and k + 3 * b > n:
                 raise ValueError(
                     f"block_size={b} is too large for num_eigenthings={k} and the operator size n={n}: a block "
-                    f"method needs num_eigenthings + 2 * block_size <= n. Use a smaller block_size (or 1)."
+                    f"method needs num_eigenthings + 3 * block_size <= n (a basis of k + 2b vectors and room for "
+                    f"the next block). Use a smaller block_size (or 1)."
                 )
         max_steps = setup.max_steps or 100
         basis_size = _basis_size(setup, b, num_lanczos_vectors)
@@ -306,16 +319,16 @@ def _basis_size(setup: Any, b: int, num_lanczos_vectors: Any) -> int:
     """The basis size: given, or the default, lowered to fit ``max_basis_bytes``."""
     k, op = setup.k, setup.op
     n = op.size
-    smallest = min(n, k + 2 * b)
+    smallest, largest = min(n, k + 2 * b), largest_basis(b, n)
     if num_lanczos_vectors is None:
         wanted = default_basis_size(k, b, n)
     else:
         wanted = check_positive_int(num_lanczos_vectors, "num_lanczos_vectors")
-        if not smallest <= wanted <= n:
+        if not smallest <= wanted <= largest:
+            limit = f"the operator size n={n}" if b == 1 else f"n - block_size = {largest}"
             raise ValueError(
                 f"num_lanczos_vectors={wanted} must be between num_eigenthings + 2 * block_size = "
-                f"{k + 2 * b} (or n, if smaller) and the operator size n={n}; about 2 * num_eigenthings + 10 "
-                f"works well."
+                f"{k + 2 * b} (or n, if smaller) and {limit}; about 2 * num_eigenthings + 10 works well."
             )
     return fit_basis(
         setup.solver, wanted, smallest, num_lanczos_vectors is not None, setup.max_basis_bytes,
