@@ -159,13 +159,15 @@ def _basis_size(setup: Any, num_lanczos_vectors: Optional[int]) -> int:
 
 def _measured_pairs(op: Operator, values: np.ndarray, vectors: np.ndarray, which: str) -> tuple[Tensor, Tensor, Tensor]:
     """ARPACK's pairs as (values (k,) float64, rows (k, n) in the operator's dtype and device, measured
-    residuals (k,)), ordered by ``which``; one block product, and no second copy of the vectors."""
+    residuals (k,)), ordered by ``which``; k products, one vector at a time, so that no second copy
+    of the vectors is held."""
     values_t = torch.from_numpy(np.asarray(values, dtype=np.float64))
     order = order_by_which(values_t, which).tolist()
     values_t = values_t[order]
     rows = torch.empty(len(order), op.size, dtype=op.dtype, device=op.device)
     for row, column in enumerate(order):
         rows[row] = torch.from_numpy(np.ascontiguousarray(vectors[:, column]))
-    products = op.apply_block(rows.T)
-    products.addcmul_(rows.T, values_t.to(device=op.device, dtype=op.dtype).unsqueeze(0), value=-1)
-    return values_t, rows, torch.linalg.vector_norm(products, dim=0)
+    theta = values_t.to(device=op.device, dtype=op.dtype)
+    residuals = torch.stack([torch.linalg.vector_norm(op.apply(rows[j]) - theta[j] * rows[j])
+                             for j in range(len(order))])
+    return values_t, rows, residuals

@@ -170,6 +170,7 @@ def krylov_schur(
     basis = torch.empty(n, basis_size, dtype=dtype, device=device)
     proj = torch.zeros(basis_size, basis_size, dtype=dtype, device=device)
     basis[:, :b] = torch.linalg.qr(block)[0]
+    del block  # the caller holds no other reference: one vector less for the whole solve
     scale = torch.zeros((), dtype=dtype, device=device)  # running estimate of ||A||
     m = b
     cycles = restarts = checks = 0
@@ -178,14 +179,14 @@ def krylov_schur(
     while True:
         cols = slice(m - b, m)
         prev = basis[:, :m]
-        # the product is a new tensor of our own (see ProductView), so it is worked on in place
         product = op.apply_block(basis[:, cols]) if b > 1 else op.apply(basis[:, m - 1]).unsqueeze(1)
         scale = torch.maximum(scale, torch.linalg.vector_norm(product, dim=0).max())
         # Rounding-level noise: gives an invariant subspace's noise block a fresh direction.
         nudge = torch.where(scale > 0, eps * scale, torch.ones_like(scale))
         noise = torch.randn(n, b, dtype=dtype, device=device, generator=generator)
-        resid = product.add_(noise.mul_(nudge / math.sqrt(n)))
-        del noise
+        # the product may be the operator's own tensor: the first step is out of place, the rest in place
+        resid = noise.mul_(nudge / math.sqrt(n)).add_(product)
+        del product, noise
         coeffs = prev.T @ resid
         resid.addmm_(prev, coeffs, alpha=-1)
         again = prev.T @ resid
@@ -301,11 +302,10 @@ def native_solve(
         keep = default_keep(k, basis_size, b)
         generator = torch.Generator(device=op.device)
         generator.manual_seed(setup.seed)  # the same on every rank: the seed is resolved once for all
-        block = start_block(setup.starts, random_vectors(op, b, setup.seed))
         # NaN/Inf tests of the products wait for the checkpoints, which read the host anyway.
         with op.deferred_checks():
-            outcome = krylov_schur(op, k, setup.which, block, basis_size, keep, max_steps, setup.tol, generator, op.bar)
-            del block
+            outcome = krylov_schur(op, k, setup.which, start_block(setup.starts, random_vectors(op, b, setup.seed)),
+                                   basis_size, keep, max_steps, setup.tol, generator, op.bar)
     finally:
         op.close()
     advice = f"Raise max_steps (now {max_steps}) or num_lanczos_vectors (now {basis_size}), or loosen tol."

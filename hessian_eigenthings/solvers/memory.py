@@ -10,7 +10,7 @@ product (a model's activations and graphs) comes on top and is not counted.
   vectors. Restarts rotate the basis in place.
 * ``lanczos`` (ARPACK): ARPACK's basis of ``ncv`` float64 vectors and its work space (5 more) on
   the host, plus the eigenvectors it returns (k float64) and, on the operator's device, the k result
-  vectors, their products, and the vectors of one product.
+  vectors and the vectors of one product.
 * ``power_iter``: the k eigenvectors found so far, their k products for the final Rayleigh-Ritz
   step, and the vectors of one power step.
 
@@ -32,9 +32,9 @@ from ..utils import check_num_eigenthings, check_positive_int
 
 # Working vectors besides the basis and the result, measured (benchmarks/solver_memory.py):
 # per block vector for the native solvers, in total for power iteration and around ARPACK.
-NATIVE_WORK_PER_BLOCK_VECTOR = 5
-NATIVE_WORK_FIXED = 2
-POWER_WORK = 8
+NATIVE_WORK_PER_BLOCK_VECTOR = 3
+NATIVE_WORK_FIXED = 3
+POWER_WORK = 10
 ARPACK_HOST_WORK_F64 = 5
 ARPACK_DEVICE_WORK = 3
 
@@ -87,7 +87,7 @@ def native_memory(n: int, k: int, block: int, basis: int, itemsize: int, on_gpu:
 def arpack_memory(n: int, k: int, ncv: int, itemsize: int, on_gpu: bool) -> SolverMemory:
     """Memory of ARPACK with ``ncv`` basis vectors (float64, host) for an operator of ``itemsize``."""
     host = 8 * n * (ncv + ARPACK_HOST_WORK_F64 + k)
-    device = itemsize * n * (2 * k + ARPACK_DEVICE_WORK)
+    device = itemsize * n * (k + ARPACK_DEVICE_WORK)
     return SolverMemory("lanczos", ncv, device, host + (itemsize * n * k if on_gpu else 0))
 
 

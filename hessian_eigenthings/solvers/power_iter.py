@@ -20,7 +20,7 @@ orthonormal.
 The default cap is :data:`DEFAULT_MAX_STEPS` products per eigenpair, and every solve stops as soon
 as the residual meets the tolerance, so the cap only bounds a solve that cannot converge. Memory:
 the k found vectors, kept as the rows of one (k, n) tensor, and k more for the Rayleigh-Ritz step,
-which rotates in place (about 2k + 8 vectors in all, see :mod:`.memory`).
+which rotates in place (about 2k + 10 vectors in all, see :mod:`.memory`).
 """
 
 from __future__ import annotations
@@ -338,10 +338,15 @@ def _iterate(
 
 def _rayleigh_ritz_(op: Operator, rows: Tensor, which: str) -> tuple[Tensor, Tensor]:
     """Best eigenpairs of ``op`` within the span of ``rows`` (k, n), which are replaced in place by the
-    Ritz vectors, ordered by ``which``. Returns (values (k,), residuals (k,)); k products, and k
-    vectors of memory for them (every rotation is in place)."""
+    Ritz vectors, ordered by ``which``. Returns (values (k,), residuals (k,)).
+
+    k single products go into one (n, k) buffer (a block product would hold its result and our copy
+    at once; next to the thousands of products of the search, batching them gains nothing), and every
+    rotation is in place: about 2k vectors in all."""
     orthonormalize_rows_(rows)
-    products = op.apply_block(rows.T)  # (n, k)
+    products = torch.empty(op.size, rows.shape[0], dtype=op.dtype, device=op.device)
+    for j in range(rows.shape[0]):
+        products[:, j] = op.apply(rows[j])
     projected = rows @ products
     values, rotation = torch.linalg.eigh((projected + projected.T) / 2)
     order = order_by_which(values, which)

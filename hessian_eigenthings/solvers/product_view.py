@@ -7,14 +7,16 @@ The view does three things to each product, so that no solver has to:
   solver and the product number. Solvers that keep their vectors on a GPU read nothing on the host
   per product: inside :meth:`deferred_checks` the checks are kept on the device and run at the
   solver's checkpoints (:meth:`flush_checks`);
-* scales it by a power of two, fixed at the first nonzero product so that the largest entry of that
-  product lies in [0.5, 1). Scaling by a power of two is exact, so the solver's arithmetic is the
-  same as without it, but squared norms of operators with entries around 1e20 (or 1e-20) in float32
-  no longer overflow (underflow). Solvers work in the scaled units; :attr:`scale` turns their
-  eigenvalues and residuals back.
+* scales it by a power of two, fixed at the first nonzero product: 1 when that product's largest
+  entry is of ordinary size (within 2**+-(E / 4) for a dtype whose largest number is 2**E: 2**+-32 in
+  float32), else the power of two that brings the entry into [0.5, 1). Scaling by a power of two is
+  exact, so the solver's arithmetic is the same as without it, but squared norms of operators with
+  entries around 1e20 (or 1e-20) in float32 no longer overflow (underflow). Solvers work in the
+  scaled units; :attr:`scale` turns their eigenvalues and residuals back.
 
-A product the view returns is always a new tensor, which the solver may change in place. Everything
-else (size, dtype, device, ``is_stochastic``, ``frozen()``) is the operator's own.
+A product the view returns may be the operator's own tensor (it is not copied when the scale is 1):
+solvers treat products as read-only. Everything else (size, dtype, device, ``is_stochastic``,
+``frozen()``) is the operator's own.
 """
 
 from __future__ import annotations
@@ -85,13 +87,20 @@ class ProductView(Operator):
         if largest > 0:
             self.nonzero_seen = True
             if self._host_scale is None:
-                self._host_scale = math.ldexp(1.0, -math.frexp(largest)[1])
+                exponent = math.frexp(largest)[1]
+                self._host_scale = 1.0 if abs(exponent) <= self._safe_exponent else math.ldexp(1.0, -exponent)
         return self._scaled(out)
 
+    @property
+    def _safe_exponent(self) -> int:
+        """Products whose largest entry is within 2**+-this need no scaling: their squared norms stay
+        far inside the dtype's range for any n below 2**(E / 2)."""
+        return int(math.log2(torch.finfo(self.dtype).max)) // 4
+
     def _scaled(self, out: Tensor) -> Tensor:
-        # Always a new tensor, even for a scale of 1: the solver may change it in place, and the
-        # operator may have returned a tensor it keeps.
-        return out * (1.0 if self._host_scale is None else self._host_scale)
+        if self._host_scale is None or self._host_scale == 1.0:
+            return out
+        return out * self._host_scale  # never in place: the operator may return a tensor it keeps
 
     def _scale_on_device(self, out: Tensor) -> Tensor:
         if self._host_scale is not None:
@@ -102,7 +111,9 @@ class ProductView(Operator):
         if self._device_scale is None:
             self._device_scale = torch.ones((), dtype=dtype, device=out.device)
             self._device_fixed = torch.zeros((), dtype=torch.bool, device=out.device)
-        candidate = torch.ldexp(torch.ones_like(largest), -torch.frexp(largest).exponent)
+        exponent = torch.frexp(largest).exponent
+        candidate = torch.where(exponent.abs() <= self._safe_exponent, torch.ones_like(largest),
+                                torch.ldexp(torch.ones_like(largest), -exponent))
         hit = (largest > 0) & torch.isfinite(largest) & ~self._device_fixed
         self._device_scale = torch.where(hit, candidate, self._device_scale)
         self._device_fixed = self._device_fixed | hit
