@@ -45,7 +45,7 @@ def poisoned(a: torch.Tensor, from_product: int, value: float = float("nan")) ->
             out[3] = value
         return out
 
-    return LambdaOperator(product, a.shape[0], dtype=a.dtype)
+    return LambdaOperator(product, a.shape[0], dtype=a.dtype, device=a.device)
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
@@ -88,10 +88,11 @@ def test_scale_is_a_power_of_two_fixed_at_the_first_nonzero_product():
         calls[0] += 1
         return torch.zeros_like(v) if calls[0] == 1 else 1e20 * (a @ v)
 
+    a = a.to(torch.float32)  # 1e20 is beyond 2**32, the size float32 products keep unscaled
     for deferred in (False, True):
         calls[0] = 0
-        view = ProductView(LambdaOperator(product, N, dtype=torch.float64), "s", verbose=False)
-        v = torch.ones(N, dtype=torch.float64)
+        view = ProductView(LambdaOperator(product, N, dtype=torch.float32), "s", verbose=False)
+        v = torch.ones(N, dtype=torch.float32)
         with view.deferred_checks() if deferred else _nothing():
             zero = view.apply(v)
             first = view.apply(v)
@@ -103,6 +104,11 @@ def test_scale_is_a_power_of_two_fixed_at_the_first_nonzero_product():
         assert 0.5 <= float(first.abs().max()) < 1  # the first nonzero product sets it
         assert torch.equal(first / scale, 1e20 * (a @ v))  # exact: no rounding from the scaling
         assert torch.equal(second, first * 2)
+    # products of ordinary size (here 1e20 in float64, within 2**+-256) are not scaled, nor copied
+    matrix = MatrixOperator(1e20 * a.double())
+    view = ProductView(matrix, "s", verbose=False)
+    assert torch.equal(view.apply(torch.ones(N, dtype=torch.float64)), matrix.matrix @ torch.ones(N, dtype=torch.float64))
+    assert view.scale == 1.0
 
 
 class _nothing:
@@ -171,3 +177,27 @@ def test_view_passes_the_operator_through():
     out = view.apply(torch.ones(N, dtype=torch.float64))
     out.mul_(0)  # a product of the view is the solver's own: changing it leaves the operator alone
     assert torch.equal(op.matrix, a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver", ["thick_restart_lanczos", "block_lanczos"])
+def test_cuda_checks_and_scaling_wait_for_the_checkpoints(solver):
+    import warnings
+
+    a64, _, _ = planted_matrix(SPECTRUM, seed=7)
+    a = (a64 * 1e20).to(torch.float32).cuda()
+    expected = exact_top(a64 * 1e20, 3)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = SOLVERS[solver](MatrixOperator(a), verbose=False, to_numpy=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert result.converged.all() and np.allclose(result.eigenvalues.cpu().numpy(), expected, rtol=1e-4)
+    assert len(syncs) <= 4 * result.info["checks"] + 8, len(syncs)
+    # the 7th product (in a block of 3: products 7-9) turns NaN; it is named at the next checkpoint
+    with pytest.raises(NonFiniteError, match=rf"{solver}: operator products? 7"):
+        SOLVERS[solver](poisoned(a, 7), verbose=False)

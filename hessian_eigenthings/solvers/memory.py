@@ -205,7 +205,7 @@ def solver_memory(
 
     Example:
         >>> solver_memory(100_000_000, 10, dtype=torch.float32, device="cuda").device_bytes / 2**30
-        20.9...
+        20.86...
     """
     from .registry import check_keywords, get_solver
 
