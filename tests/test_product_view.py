@@ -107,7 +107,8 @@ def test_scale_is_a_power_of_two_fixed_at_the_first_nonzero_product():
     # products of ordinary size (here 1e20 in float64, within 2**+-256) are not scaled, nor copied
     matrix = MatrixOperator(1e20 * a.double())
     view = ProductView(matrix, "s", verbose=False)
-    assert torch.equal(view.apply(torch.ones(N, dtype=torch.float64)), matrix.matrix @ torch.ones(N, dtype=torch.float64))
+    ones = torch.ones(N, dtype=torch.float64)
+    assert torch.equal(view.apply(ones), matrix.matrix @ ones)
     assert view.scale == 1.0
 
 

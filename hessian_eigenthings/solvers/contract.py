@@ -72,7 +72,9 @@ def pick(solver: str, name: str, value: Any, alias: str, alias_value: Any) -> tu
 def check_tol(tol: Any, name: str = "tol", example: str = "1e-6") -> float:
     """A relative residual tolerance: a finite number > 0, or a ValueError/TypeError naming ``name``."""
     if isinstance(tol, bool) or not isinstance(tol, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a positive number such as {example}, got {tol!r} of type {type(tol).__name__}.")
+        raise TypeError(
+            f"{name} must be a positive number such as {example}, got {tol!r} of type {type(tol).__name__}."
+        )
     value = float(tol)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(
@@ -146,7 +148,6 @@ def check_in(
     init_name: str = "init_vecs",
     max_start_vectors: Optional[int] = None,
     allow_k_equal_n: bool = False,
-    total: Optional[int] = None,
 ) -> Setup:
     """Validate a solver's arguments, in one place and before any product, and open its product view.
 
@@ -157,7 +158,6 @@ def check_in(
         krylov: the solver builds a Krylov basis, which needs the same matrix in every product:
             a stochastic operator is refused.
         max_start_vectors: how many warm-start rows are kept (default: all).
-        total: the progress bar's expected total (None: unknown).
         the rest: the solver's arguments and the names they go by in messages.
 
     Returns:
@@ -191,7 +191,7 @@ def check_in(
     compat_flags(solver, bool(fp16))
     seed = resolve_seed(seed)
     return Setup(
-        solver=solver, op=ProductView(op, solver, verbose, total), k=k, which=which, tol=tol,
+        solver=solver, op=ProductView(op, solver, verbose), k=k, which=which, tol=tol,
         max_steps=max_steps, seed=seed, to_numpy=to_numpy, starts=starts, max_basis_bytes=max_basis_bytes,
         check_multiplicity=check_multiplicity, names={"max_steps": steps_name, "tol": tol_name},
     )

@@ -24,7 +24,9 @@ def right_multiply_(block: Tensor, matrix: Tensor) -> Tensor:
     n, m = block.shape
     c = matrix.shape[1]
     if matrix.shape[0] != m or c > m:
-        raise ValueError(f"right_multiply_ needs a ({m}, c <= {m}) matrix for a ({n}, {m}) block, got {tuple(matrix.shape)}.")
+        raise ValueError(
+            f"right_multiply_ needs a ({m}, c <= {m}) matrix for a ({n}, {m}) block, got {tuple(matrix.shape)}."
+        )
     matrix = matrix.to(device=block.device, dtype=block.dtype)
     rows = max(1, math.ceil(n / max(c, 1)))
     for start in range(0, n, rows):

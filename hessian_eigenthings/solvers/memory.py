@@ -112,7 +112,8 @@ def fit_basis(
             f"{solver} needs {format_bytes(need.peak_bytes)} for {what} ({need.basis_vectors} vectors: "
             f"{format_bytes(need.device_bytes)} on the operator's device, {format_bytes(need.host_bytes)} on the "
             f"host), more than max_basis_bytes={cap} ({format_bytes(cap)}). Raise max_basis_bytes, ask for fewer "
-            f"eigenpairs{', drop num_lanczos_vectors' if given else ''}, or use a smaller block_size where there is one."
+            f"eigenpairs{', drop num_lanczos_vectors' if given else ''}, or use a smaller block_size where there "
+            f"is one."
         )
     low, high = smallest, wanted  # memory grows with the basis: bisect for the largest that fits
     while low < high:
@@ -159,7 +160,10 @@ def arpack_plan(n: int, k: int, dtype: torch.dtype, device: torch.device, option
     from .arpack import default_num_lanczos_vectors
 
     given = options.get("num_lanczos_vectors")
-    wanted = check_positive_int(given, "num_lanczos_vectors") if given is not None else default_num_lanczos_vectors(k, n)
+    if given is not None:
+        wanted = check_positive_int(given, "num_lanczos_vectors")
+    else:
+        wanted = default_num_lanczos_vectors(k, n)
     itemsize, on_gpu = _itemsize(dtype), device.type != "cpu"
     size = fit_basis("lanczos", wanted, min(n, k + 1), given is not None, options.get("max_basis_bytes"),
                      lambda m: arpack_memory(n, k, m, itemsize, on_gpu))

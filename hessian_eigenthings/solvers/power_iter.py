@@ -1,9 +1,9 @@
 """Power iteration: deflated, optionally momentum-accelerated, for any symmetric operator.
 
 The momentum variant is the accelerated power method of Xu, He, De Sa, Mitliagkas & Re (2018),
-"Accelerated stochastic power iteration": ``x_{t+1} = A x_t - beta x_{t-1}``. Both iterates are divided by the
-same norm each step, so the recurrence is unchanged by the normalisation; the eigenvalue reported
-is the Rayleigh quotient of ``A`` itself (never ``lambda - beta``). A good ``beta`` is
+"Accelerated stochastic power iteration": ``x_{t+1} = A x_t - beta x_{t-1}``. Both iterates are
+divided by the same norm each step, so the recurrence is unchanged by the normalisation; the
+eigenvalue reported is the Rayleigh quotient of ``A`` itself (never ``lambda - beta``). A good ``beta`` is
 ``lambda_2**2 / 4`` (the square of the next eigenvalue below the wanted one, over four); it cuts the
 steps needed roughly from ``1 / gap`` to ``1 / sqrt(gap)``. Too large a ``beta`` (above
 ``lambda_1**2 / 4``) stalls it. ``momentum=None`` (the default) chooses beta automatically.
@@ -293,7 +293,6 @@ def _advice(setup: Setup, steps: int, momentum: Optional[float]) -> str:
     else:
         advice += " A Krylov solver (thick_restart_lanczos) needs far fewer products for the same tolerance."
     return advice
-
 
 
 def _iterate(
