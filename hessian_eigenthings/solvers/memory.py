@@ -8,9 +8,9 @@ product (a model's activations and graphs) comes on top and is not counted.
 * ``thick_restart`` / ``block_lanczos``: the basis (``num_lanczos_vectors`` vectors, on the
   operator's device and dtype), the k Ritz vectors of the result, and a few blocks of b working
   vectors. Restarts rotate the basis in place.
-* ``lanczos`` (ARPACK): ARPACK's basis of ``ncv`` float64 vectors and its work space (5 more) on
-  the host, plus the eigenvectors it returns (k float64) and, on the operator's device, the k result
-  vectors and the vectors of one product.
+* ``lanczos`` (ARPACK): ARPACK's basis of ``ncv`` float64 vectors and its work space (4 more) on
+  the host, plus two copies of the eigenvectors it returns (2k float64) and, on the operator's
+  device, the k result vectors and the vectors of one product.
 * ``power_iter``: the k eigenvectors found so far, their k products for the final Rayleigh-Ritz
   step, and the vectors of one power step.
 
@@ -30,12 +30,15 @@ import torch
 from ..operators.base import Operator, as_operator
 from ..utils import check_num_eigenthings, check_positive_int
 
-# Working vectors besides the basis and the result, measured (benchmarks/solver_memory.py):
-# per block vector for the native solvers, in total for power iteration and around ARPACK.
-NATIVE_WORK_PER_BLOCK_VECTOR = 3
+# Working vectors besides the basis and the result, measured (benchmarks/solver_memory.py): the
+# native solvers hold a few copies of the current block (product, residual, the QR factors of a
+# block); ARPACK's eigsh holds its work space (4 float64 vectors) and, while it extracts the
+# eigenvectors, two copies of them (2k); power iteration holds the vectors of one step.
+NATIVE_WORK_SINGLE = 3
+NATIVE_WORK_PER_BLOCK_VECTOR = 4
 NATIVE_WORK_FIXED = 3
 POWER_WORK = 10
-ARPACK_HOST_WORK_F64 = 5
+ARPACK_HOST_WORK_F64 = 4
 ARPACK_DEVICE_WORK = 3
 
 
@@ -78,7 +81,8 @@ def format_bytes(count: float) -> str:
 def native_memory(n: int, k: int, block: int, basis: int, itemsize: int, on_gpu: bool, to_numpy: bool = True,
                   solver: str = "thick_restart") -> SolverMemory:
     """Memory of :func:`~.krylov_schur.krylov_schur` with a basis of ``basis`` vectors."""
-    vectors = basis + k + NATIVE_WORK_PER_BLOCK_VECTOR * block + NATIVE_WORK_FIXED
+    work = NATIVE_WORK_SINGLE if block == 1 else NATIVE_WORK_PER_BLOCK_VECTOR * block
+    vectors = basis + k + work + NATIVE_WORK_FIXED
     device = itemsize * (n * vectors + basis * basis)
     host = itemsize * n * k if on_gpu and to_numpy else 0
     return SolverMemory(solver, basis, device, host)
@@ -86,7 +90,7 @@ def native_memory(n: int, k: int, block: int, basis: int, itemsize: int, on_gpu:
 
 def arpack_memory(n: int, k: int, ncv: int, itemsize: int, on_gpu: bool) -> SolverMemory:
     """Memory of ARPACK with ``ncv`` basis vectors (float64, host) for an operator of ``itemsize``."""
-    host = 8 * n * (ncv + ARPACK_HOST_WORK_F64 + k)
+    host = 8 * n * (ncv + ARPACK_HOST_WORK_F64 + 2 * k)
     device = itemsize * n * (k + ARPACK_DEVICE_WORK)
     return SolverMemory("lanczos", ncv, device, host + (itemsize * n * k if on_gpu else 0))
 
