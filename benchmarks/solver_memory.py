@@ -49,7 +49,7 @@ except AttributeError:
 start = rss()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    kw = dict(which="LA", verbose=False, to_numpy=True)
+    kw = dict(which="LM", verbose=False, to_numpy=True)
     if mode == "power_iter":
         kw["momentum"] = 0.0
         result = he.deflated_power_iteration(op, k, power_iter_steps=1000, **kw)
