@@ -194,6 +194,17 @@ def test_an_exactly_zero_operator_gives_converged_zeros(solver):
         assert np.allclose(vectors @ vectors.T, np.eye(len(vectors)), atol=1e-12)
 
 
+def test_arpack_started_in_the_null_space_of_a_nonzero_operator_is_not_taken_for_zero():
+    diag = torch.zeros(N, dtype=torch.float64)
+    diag[:5] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    op = LambdaOperator(lambda v: diag * v, N, dtype=torch.float64)
+    start = torch.zeros(N, dtype=torch.float64)
+    start[10] = 1.0  # A start = 0: every Krylov vector is zero
+    with pytest.warns(ConvergenceWarning, match="null space"):
+        result = lanczos(op, 2, init_vecs=start, verbose=False)
+    assert not result.converged.all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_result_types_are_the_same_for_every_solver(solver, dtype):

@@ -126,18 +126,20 @@ def lanczos(
             if op.nonzero_seen:
                 raise
             # Every product was exactly zero (e.g. parameters the loss does not use): ARPACK stops on
-            # a zero Krylov vector, but the answer is known.
-            values_t, rows, residuals = zero_pairs(setup)
+            # a zero Krylov vector, but the answer is known. The residuals are measured all the same:
+            # a warm start inside the null space of a nonzero operator must not pass for converged.
+            values_t, rows, _ = zero_pairs(setup)
+            residuals = torch.stack([torch.linalg.vector_norm(op.apply(row)) for row in rows])
+            advice = ("Every product of the Lanczos process was zero, but the operator is not: the start vector "
+                      "lies in its null space. Start from another vector (init_vecs=None for a random one).")
         else:
             values_t, rows, residuals = _measured_pairs(op, values, vectors, setup.which)
             del vectors
+            advice = ("ARPACK reported convergence, but the residuals measured afterwards are larger (is the "
+                      "operator symmetric and deterministic?).")
     finally:
         op.close()
-    return finish(
-        setup, values_t, rows, residuals, info={"ncv": ncv},
-        advice="ARPACK reported convergence, but the residuals measured afterwards are larger (is the operator "
-               "symmetric and deterministic?).",
-    )
+    return finish(setup, values_t, rows, residuals, info={"ncv": ncv}, advice=advice)
 
 
 def _basis_size(setup: Any, num_lanczos_vectors: Optional[int]) -> int:
