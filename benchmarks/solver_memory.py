@@ -2,6 +2,7 @@
 
     python benchmarks/solver_memory.py --quick        # n = 1M, k = 1 and 10: about a minute
     python benchmarks/solver_memory.py                # n = 5M (an MLP's size), k = 1, 10, 20
+    python benchmarks/solver_memory.py --quick --root ../other-checkout   # another version, to compare
 
 Every solve runs in a fresh process on a cheap float32 operator (a diagonal matrix with a planted
 spectrum, so that a product allocates just its output), and the peak resident memory above the
@@ -49,7 +50,7 @@ except AttributeError:
 start = rss()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    kw = dict(which="LM", verbose=False, to_numpy=True)
+    kw = dict(which="LM", verbose=False)
     if mode == "power_iter":
         kw["momentum"] = 0.0
         result = he.deflated_power_iteration(op, k, power_iter_steps=1000, **kw)
@@ -65,9 +66,9 @@ print(json.dumps({{"peak": peak - start, "predicted": predicted, "products": res
 """
 
 
-def measure(n: int, k: int, mode: str) -> dict:
+def measure(n: int, k: int, mode: str, root: str = ROOT) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
-    code = CHILD.format(root=ROOT, n=n, k=k, mode=mode)
+    code = CHILD.format(root=root, n=n, k=k, mode=mode)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="operator size (default 5,000,000; 1,000,000 with --quick)")
     parser.add_argument("--k", default=None, help="comma list of k (default 1,10,20; 1,10 with --quick)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list from {','.join(MODES)}")
+    parser.add_argument("--root", default=ROOT, help="checkout of the package to measure (default: this one)")
     args = parser.parse_args()
     n = args.n or (1_000_000 if args.quick else 5_000_000)
     ks = [int(x) for x in (args.k or ("1,10" if args.quick else "1,10,20")).split(",")]
@@ -90,7 +92,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---|")
     for mode in modes:
         for k in ks:
-            out = measure(n, k, mode)
+            out = measure(n, k, mode, args.root)
             if "error" in out:
                 print(f"| {mode} | {k} | - | - | - | failed: {out['error'][:80]} |", flush=True)
                 continue
