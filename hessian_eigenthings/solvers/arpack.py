@@ -155,7 +155,7 @@ def _basis_size(setup: Any, num_lanczos_vectors: Optional[int]) -> int:
             )
     return fit_basis(
         setup.solver, wanted, min(n, k + 1), num_lanczos_vectors is not None, setup.max_basis_bytes,
-        lambda m: arpack_memory(n, k, m, op.dtype.itemsize, op.device.type != "cpu"),
+        lambda m: arpack_memory(n, k, m, op.dtype.itemsize),
     )
 
 

@@ -332,5 +332,5 @@ def _basis_size(setup: Any, b: int, num_lanczos_vectors: Any) -> int:
             )
     return fit_basis(
         setup.solver, wanted, smallest, num_lanczos_vectors is not None, setup.max_basis_bytes,
-        lambda m: native_memory(n, k, b, m, op.dtype.itemsize, op.device.type != "cpu", setup.to_numpy, setup.solver),
+        lambda m: native_memory(n, k, b, m, op.dtype.itemsize, setup.solver),
     )

@@ -46,12 +46,16 @@ ARPACK_DEVICE_WORK = 3
 class SolverMemory:
     """The memory a solve will take beyond the operator's own.
 
+    Counted: everything the solve holds at its peak, its k result vectors included (they are formed
+    while the basis is still there). Not counted: the copy of the result in host memory that
+    ``to_numpy=True`` makes of a solve on a GPU (k vectors), which the caller keeps.
+
     Attributes:
         solver: the solver that would run (``"auto"`` resolved).
         basis_vectors: the size of its basis (Krylov vectors; for power iteration, k).
         device_bytes: peak bytes on the operator's device (in its dtype).
-        host_bytes: peak bytes on the host besides (ARPACK's float64 basis; the numpy results of a
-            solve on a GPU). On a CPU operator both are the same memory.
+        host_bytes: peak bytes in host memory besides (ARPACK's float64 basis and work space). On a
+            CPU operator both are the same memory.
     """
 
     solver: str
@@ -61,7 +65,8 @@ class SolverMemory:
 
     @property
     def peak_bytes(self) -> int:
-        """``device_bytes + host_bytes`` (an upper bound when both are the same memory)."""
+        """``device_bytes + host_bytes``: what ``max_basis_bytes`` bounds (an upper bound of the
+        peak where both are the same memory)."""
         return self.device_bytes + self.host_bytes
 
     def __str__(self) -> str:
@@ -78,27 +83,23 @@ def format_bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
-def native_memory(n: int, k: int, block: int, basis: int, itemsize: int, on_gpu: bool, to_numpy: bool = True,
-                  solver: str = "thick_restart") -> SolverMemory:
+def native_memory(n: int, k: int, block: int, basis: int, itemsize: int, solver: str = "thick_restart") -> SolverMemory:
     """Memory of :func:`~.krylov_schur.krylov_schur` with a basis of ``basis`` vectors."""
     work = NATIVE_WORK_SINGLE if block == 1 else NATIVE_WORK_PER_BLOCK_VECTOR * block
     vectors = basis + k + work + NATIVE_WORK_FIXED
-    device = itemsize * (n * vectors + basis * basis)
-    host = itemsize * n * k if on_gpu and to_numpy else 0
-    return SolverMemory(solver, basis, device, host)
+    return SolverMemory(solver, basis, itemsize * (n * vectors + basis * basis), 0)
 
 
-def arpack_memory(n: int, k: int, ncv: int, itemsize: int, on_gpu: bool) -> SolverMemory:
+def arpack_memory(n: int, k: int, ncv: int, itemsize: int) -> SolverMemory:
     """Memory of ARPACK with ``ncv`` basis vectors (float64, host) for an operator of ``itemsize``."""
     host = 8 * n * (ncv + ARPACK_HOST_WORK_F64 + 2 * k)
     device = itemsize * n * (k + ARPACK_DEVICE_WORK)
-    return SolverMemory("lanczos", ncv, device, host + (itemsize * n * k if on_gpu else 0))
+    return SolverMemory("lanczos", ncv, device, host)
 
 
-def power_memory(n: int, k: int, itemsize: int, on_gpu: bool, to_numpy: bool = True) -> SolverMemory:
+def power_memory(n: int, k: int, itemsize: int) -> SolverMemory:
     """Memory of deflated power iteration for k pairs."""
-    device = itemsize * n * (2 * k + POWER_WORK)
-    return SolverMemory("power_iter", k, device, itemsize * n * k if on_gpu and to_numpy else 0)
+    return SolverMemory("power_iter", k, itemsize * n * (2 * k + POWER_WORK), 0)
 
 
 def fit_basis(
@@ -151,10 +152,10 @@ def native_plan(block: bool) -> Callable[..., SolverMemory]:
         b = check_positive_int(b, "block_size")
         given = options.get("num_lanczos_vectors")
         wanted = check_positive_int(given, "num_lanczos_vectors") if given is not None else default_basis_size(k, b, n)
-        itemsize, on_gpu, to_numpy = _itemsize(dtype), device.type != "cpu", options.get("to_numpy", True)
+        itemsize = _itemsize(dtype)
         size = fit_basis(solver, wanted, min(n, k + 2 * b), given is not None, options.get("max_basis_bytes"),
-                         lambda m: native_memory(n, k, b, m, itemsize, on_gpu, to_numpy, solver))
-        return native_memory(n, k, b, size, itemsize, on_gpu, to_numpy, solver)
+                         lambda m: native_memory(n, k, b, m, itemsize, solver))
+        return native_memory(n, k, b, size, itemsize, solver)
 
     return plan
 
@@ -168,15 +169,15 @@ def arpack_plan(n: int, k: int, dtype: torch.dtype, device: torch.device, option
         wanted = check_positive_int(given, "num_lanczos_vectors")
     else:
         wanted = default_num_lanczos_vectors(k, n)
-    itemsize, on_gpu = _itemsize(dtype), device.type != "cpu"
+    itemsize = _itemsize(dtype)
     size = fit_basis("lanczos", wanted, min(n, k + 1), given is not None, options.get("max_basis_bytes"),
-                     lambda m: arpack_memory(n, k, m, itemsize, on_gpu))
-    return arpack_memory(n, k, size, itemsize, on_gpu)
+                     lambda m: arpack_memory(n, k, m, itemsize))
+    return arpack_memory(n, k, size, itemsize)
 
 
 def power_plan(n: int, k: int, dtype: torch.dtype, device: torch.device, options: dict) -> SolverMemory:
     """The memory model of ``power_iter`` for the registry."""
-    need = power_memory(n, k, _itemsize(dtype), device.type != "cpu", options.get("to_numpy", True))
+    need = power_memory(n, k, _itemsize(dtype))
     check_fixed_memory("power_iter", need, options.get("max_basis_bytes"))
     return need
 
@@ -204,8 +205,8 @@ def solver_memory(
             "lanczos", "power_iter").
         dtype, device: of the vectors, when ``operator`` is a size.
         **options: the solve's options that change its memory: ``block_size``,
-            ``num_lanczos_vectors``, ``max_basis_bytes``, ``to_numpy`` (others are accepted, as the
-            mode accepts them, and do not matter).
+            ``num_lanczos_vectors``, ``max_basis_bytes`` (others are accepted, as the mode accepts
+            them, and do not matter).
 
     Returns:
         A :class:`SolverMemory`; the basis it reports is the one the solve would use (made smaller

@@ -203,8 +203,7 @@ def _power_solve(
     momentum = _check_momentum(momentum)
     op = setup.op
     k, steps = setup.k, setup.max_steps or DEFAULT_MAX_STEPS
-    check_fixed_memory(solver, power_memory(op.size, k, op.dtype.itemsize, op.device.type != "cpu",
-                                            setup.to_numpy), setup.max_basis_bytes)
+    check_fixed_memory(solver, power_memory(op.size, k, op.dtype.itemsize), setup.max_basis_bytes)
     op.bar.total = steps * (k + (setup.which != "LM")) + (k if k > 1 else 0)
     try:
         values, vectors, residuals = _search(setup, steps, momentum)
