@@ -12,6 +12,7 @@ from .solvers import (
     power_iteration,
 )
 from .solvers import block_lanczos, thick_restart_lanczos
+from .solvers import SolverMemory, solver_memory
 
 __version__ = "1.0.0"
 
@@ -32,6 +33,8 @@ __all__ = [
     "NonFiniteError",
     "thick_restart_lanczos",
     "block_lanczos",
+    "solver_memory",
+    "SolverMemory",
 ]
 
 # Spectrum analysis (trace, diagonal, density, dense Hessians) and the GGN / empirical Fisher operators.

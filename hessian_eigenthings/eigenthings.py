@@ -2,53 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from torch import Tensor, nn
 
 from .operators.hvp import HVPOperator
-from .solvers.arpack import lanczos
-from .solvers.block_lanczos import block_lanczos
-from .solvers.power_iter import deflated_power_iteration
+from .solvers.registry import check_keywords, get_solver, solver_names
 from .solvers.result import EigenResult
-from .solvers.thick_restart import thick_restart_lanczos
-
-
-def _power_iter_mode(operator: HVPOperator, k: int, **kwargs: Any) -> EigenResult:
-    return deflated_power_iteration(operator, num_eigenthings=k, to_numpy=True, **kwargs)
-
-
-def _lanczos_mode(operator: HVPOperator, k: int, **kwargs: Any) -> EigenResult:
-    return lanczos(operator, num_eigenthings=k, **kwargs)
-
-
-def _thick_restart_mode(operator: HVPOperator, k: int, **kwargs: Any) -> EigenResult:
-    return thick_restart_lanczos(operator, num_eigenthings=k, to_numpy=True, **kwargs)
-
-
-def _block_lanczos_mode(operator: HVPOperator, k: int, **kwargs: Any) -> EigenResult:
-    return block_lanczos(operator, num_eigenthings=k, to_numpy=True, **kwargs)
-
-
-def _auto_mode(operator: HVPOperator, k: int, **kwargs: Any) -> EigenResult:
-    """The fastest native solver for where the products run: single-vector thick-restart Lanczos
-    on a CPU (the fewest products; batching gains little there), block Lanczos on a GPU (batched
-    products cost a fraction per vector) or whenever ``block_size`` is given."""
-    if operator.device.type == "cuda" or kwargs.get("block_size") is not None:
-        return _block_lanczos_mode(operator, k, **kwargs)
-    kwargs.pop("block_size", None)
-    return _thick_restart_mode(operator, k, **kwargs)
-
-
-# mode name -> (runner, the solver function whose keyword arguments the runner accepts)
-SOLVER_MODES: dict[str, tuple[Callable[..., EigenResult], Callable[..., Any]]] = {
-    "power_iter": (_power_iter_mode, deflated_power_iteration),
-    "lanczos": (_lanczos_mode, lanczos),
-    "thick_restart": (_thick_restart_mode, thick_restart_lanczos),
-    "block_lanczos": (_block_lanczos_mode, block_lanczos),
-    "auto": (_auto_mode, block_lanczos),
-}
 
 # keyword arguments of compute_hessian_eigenthings that configure the operator, not the solver
 _OPERATOR_KWARGS = ("params", "eval_mode", "device", "check_finite", "backend", "batched", "cache_batches",
@@ -63,7 +23,7 @@ def compute_hessian_eigenthings(
     loss: Callable[[Any, Any], Tensor],
     num_eigenthings: int = 10,
     full_dataset: bool = True,
-    mode: str = "power_iter",
+    mode: str = "auto",
     use_gpu: bool = True,
     fp16: bool = False,
     max_possible_gpu_samples: int = 2**16,
@@ -77,37 +37,38 @@ def compute_hessian_eigenthings(
         loss: ``loss(outputs, targets)`` returning the batch-mean loss as a scalar tensor.
         num_eigenthings: k, how many eigenpairs.
         full_dataset: Hessian of the mean loss over all samples (True), or one mini-batch per
-            product (False, stochastic; only sensible with ``mode="power_iter"``).
-        mode: "power_iter" (deflated power iteration), "lanczos" (ARPACK, on the host),
-            "thick_restart" (native thick-restart Lanczos on the operator's device, fewer products
-            than ARPACK), "block_lanczos" (native block Lanczos on batched products) or "auto"
-            (thick_restart on a CPU, block_lanczos on a GPU).
+            product (False: a stochastic operator, which only ``mode="power_iter"`` accepts).
+        mode: "auto" (default): thick-restart Lanczos, the solver that needed the fewest products
+            and the least time on every CPU and GPU workload measured; block Lanczos when
+            ``block_size`` is given; power iteration when given one of its own options
+            (``momentum``, ``power_iter_steps``, ``power_iter_err_threshold``). Or a solver by
+            name: "thick_restart", "block_lanczos" (batched products; finds eigenvalues repeated
+            up to ``block_size`` times), "lanczos" (ARPACK, on the host in float64) or
+            "power_iter" (deflated power iteration; the one mode for ``full_dataset=False``).
         use_gpu: compute on CUDA when available (see :class:`HVPOperator`).
         fp16: products under autocast, at lower accuracy (see :class:`HVPOperator`).
         max_possible_gpu_samples: micro-batch size bound for the products.
         **kwargs: ``params``, ``eval_mode``, ``device``, ``check_finite``, ``backend``, ``batched``,
             ``cache_batches``, ``cache_max_bytes``, ``cache_graphs``, ``graph_cache_max_bytes``,
-            ``precision`` go to the operator;
-            everything else to the solver, e.g. ``which="LA"``, ``tol=1e-6``, ``momentum=0.5``,
-            ``power_iter_steps=100``, ``max_steps``, ``num_lanczos_vectors``, ``block_size``,
-            ``init_vecs``, ``verbose=False``.
+            ``precision`` go to the operator; everything else to the solver: the options every
+            solver takes (``which="LA"``, ``tol``, ``max_steps``, ``init_vecs``, ``seed``,
+            ``verbose``, ``max_basis_bytes``, ``check_multiplicity``) and the mode's own
+            (``num_lanczos_vectors``, ``block_size``, ``momentum``, ``power_iter_steps``, ...).
 
     Returns:
         An :class:`EigenResult` that unpacks as ``(eigenvals, eigenvecs)``: numpy arrays of shape
-        (k,) and (k, n), most extreme first in the sense of ``which`` (default "LM").
+        (k,) (float64) and (k, n), most extreme first in the sense of ``which`` (default "LM").
     """
-    if mode not in SOLVER_MODES:
-        raise ValueError(f"mode={mode!r} is not known; choose one of {', '.join(map(repr, SOLVER_MODES))}.")
-    runner, solver = SOLVER_MODES[mode]
-    accepted = [name for name in inspect.signature(solver).parameters if name not in _FIXED_SOLVER_ARGS]
-    unknown = [name for name in kwargs if name not in accepted and name not in _OPERATOR_KWARGS]
-    if unknown:
+    entry = get_solver(mode)
+    solver_kwargs = {name: value for name, value in kwargs.items() if name not in _OPERATOR_KWARGS}
+    fixed = [name for name in solver_kwargs if name in _FIXED_SOLVER_ARGS]
+    if fixed:
         raise TypeError(
-            f"compute_hessian_eigenthings got unknown keyword argument(s) {', '.join(unknown)} for "
-            f"mode={mode!r}. Solver options: {', '.join(accepted)}; operator options: "
-            f"{', '.join(_OPERATOR_KWARGS)}."
+            f"compute_hessian_eigenthings sets {', '.join(fixed)} itself (use_gpu and fp16 are its own arguments, "
+            f"for the operator; results are always numpy arrays)."
         )
-    operator_kwargs = {name: kwargs.pop(name) for name in _OPERATOR_KWARGS if name in kwargs}
+    check_keywords(entry, solver_kwargs, _OPERATOR_KWARGS, where="compute_hessian_eigenthings")
+    operator_kwargs = {name: kwargs[name] for name in _OPERATOR_KWARGS if name in kwargs}
     operator = HVPOperator(
         model,
         dataloader,
@@ -118,4 +79,25 @@ def compute_hessian_eigenthings(
         max_possible_gpu_samples=max_possible_gpu_samples,
         **operator_kwargs,
     )
-    return runner(operator, num_eigenthings, **kwargs)
+    return entry.run(operator, num_eigenthings, to_numpy=True, **solver_kwargs)
+
+
+class _SolverModes(Mapping):
+    """``mode name -> (runner(operator, k, **keywords), solver function)``, read from the solver
+    registry (``hessian_eigenthings.solvers.registry``); kept for code that used this table."""
+
+    def __getitem__(self, name: str) -> tuple[Callable[..., EigenResult], Any]:
+        if name not in solver_names():
+            raise KeyError(name)
+        entry = get_solver(name)
+        return entry.run, entry.function
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(solver_names())
+
+    def __len__(self) -> int:
+        return len(solver_names())
+
+
+#: The modes of :func:`compute_hessian_eigenthings`; the registry is the source (this is a view of it).
+SOLVER_MODES: Mapping[str, tuple[Callable[..., EigenResult], Any]] = _SolverModes()

@@ -2,13 +2,14 @@
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from torch import nn
 
-from hessian_eigenthings import EigenResult, compute_hessian_eigenthings
+from hessian_eigenthings import ConvergenceWarning, EigenResult, compute_hessian_eigenthings
 from helpers import abs_cosines, assert_model_unchanged, exact_top, model_snapshot
 
 F = nn.functional
@@ -44,6 +45,22 @@ def test_one_call_matches_dense_hessian(mlp_problem, mode, options, which):
     separated = gaps > 1e-3 * abs(vals[0])
     assert separated.sum() >= 3
     assert np.all(abs_cosines(eigenvecs[separated], vecs[separated]) >= 0.9999)
+    assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_the_default_call_converges_to_the_dense_eigenvalues(mlp_problem, k):
+    """Nothing but model, data, loss and k: mode "auto" (thick-restart Lanczos) converges with no
+    warning. (The earlier default, 20-step power iteration, was 9% off at top 5 on a digits MLP.)"""
+    model, loader, _, _, hessian = mlp_problem
+    before = model_snapshot(model)
+    vals, _ = exact_top(hessian, k, "LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        result = compute_hessian_eigenthings(model, loader, F.cross_entropy, k, use_gpu=False, verbose=False)
+    assert result.converged.all() and np.all(result.relative_residuals <= 1e-6)
+    assert np.allclose(result.eigenvalues, vals, rtol=1e-6, atol=0)
+    assert result.info["block_size"] == 1 and "basis_size" in result.info  # thick_restart ran
     assert_model_unchanged(model, before)
 
 

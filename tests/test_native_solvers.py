@@ -292,6 +292,22 @@ def test_bad_arguments(call, error, match):
         call(a)
 
 
+def test_default_block_shrinks_to_fit_a_small_operator_but_a_given_one_does_not():
+    a, _, _ = planted_matrix(list(np.linspace(1.0, 10.0, 10)), seed=11)
+    for k, block in ((9, 1), (4, 2), (2, 2)):
+        vals, _ = exact_top(a, k, "LM")
+        result = block_lanczos(a, k, tol=1e-10, verbose=False)
+        assert result.info["block_size"] == block
+        assert result.info["basis_size"] <= 10 - (block if block > 1 else 0)
+        assert np.allclose(result.eigenvalues, vals, rtol=1e-9) and result.converged.all()
+    # A block of 3 for k = 4 in dimension 10 has no room for the block after a full basis: its extra
+    # columns would be noise that is not orthogonal to the basis (this once gave eigenvalues near 7756).
+    with pytest.raises(ValueError, match=r"block_size=3 is too large.*num_eigenthings \+ 3 \* block_size <= n"):
+        block_lanczos(a, 4, block_size=3, verbose=False)
+    with pytest.raises(ValueError, match="num_lanczos_vectors=10 must be between .* n - block_size = 8"):
+        block_lanczos(a, 2, block_size=2, num_lanczos_vectors=10, verbose=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("solver", ["thick_restart", "block3"])

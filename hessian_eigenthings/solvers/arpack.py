@@ -1,26 +1,23 @@
-"""Lanczos through scipy's ARPACK (``scipy.sparse.linalg.eigsh``), on any operator, in float64."""
+"""Lanczos through scipy's ARPACK (``scipy.sparse.linalg.eigsh``), on any operator, in float64.
+
+Implicitly restarted Lanczos: Lehoucq, Sorensen & Yang (1998), "ARPACK Users' Guide".
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
 from torch import Tensor
 
-from ..operators.base import Operator, as_operator, runs_frozen
-from ..utils import check_num_eigenthings, check_positive_int, check_which, logger, progress
-from .result import (
-    EigenResult,
-    check_init_vectors,
-    compat_flags,
-    converged_mask,
-    order_by_which,
-    random_vectors,
-    residual_norms,
-    warn_unconverged,
-)
+from ..operators.base import Operator, runs_frozen
+from ..utils import check_positive_int
+from .contract import check_in, finish, pick, zero_pairs
+from .krylov_schur import start_block
+from .memory import arpack_memory, fit_basis
+from .result import EigenResult, order_by_which, random_vectors
 
 
 class NoConvergenceError(RuntimeError):
@@ -37,7 +34,7 @@ class NoConvergenceError(RuntimeError):
 
 def default_num_lanczos_vectors(num_eigenthings: int, size: int) -> int:
     """ARPACK's ``ncv``: a generous Krylov basis (2k + 20, at least 40) converges on clustered Hessian
-    spectra within few restarts; the cost is memory of ncv * n floats on the host."""
+    spectra within few restarts; the cost is memory of ncv * n float64 numbers on the host."""
     return min(size, max(2 * num_eigenthings + 20, 40))
 
 
@@ -53,8 +50,12 @@ def lanczos(
     use_gpu: bool = False,
     fp16: bool = False,
     *,
+    init_vecs: Optional[Union[Tensor, np.ndarray]] = None,
     seed: Optional[int] = 0,
     verbose: bool = True,
+    to_numpy: bool = True,
+    max_basis_bytes: Optional[int] = None,
+    check_multiplicity: bool = True,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by implicitly restarted Lanczos (ARPACK).
 
@@ -70,83 +71,105 @@ def lanczos(
             ``||A v - lambda v|| <= tol * |lambda|``.
         num_lanczos_vectors: ARPACK's ``ncv``, the Krylov basis size (k < ncv <= n); default
             :func:`default_num_lanczos_vectors`.
-        init_vec: start vector of shape (n,); random (from ``seed``) when None.
+        init_vec: the historical name of ``init_vecs``.
         use_gpu: ignored; the operator decides where products run (kept for compatibility).
         fp16: ignored with a warning; precision belongs to the operator (kept for compatibility).
-        seed: seed of the private generator for the random start vector.
+        init_vecs: warm start, a (n,) vector or (m, n) rows; ARPACK takes one start vector, their
+            normalised sum (whose Krylov space holds each of them once they are eigenvectors).
+            Random (from ``seed``) when None.
+        seed: seed of the private generator for the random start vector (None: fresh).
         verbose: show a progress bar of products.
+        to_numpy: numpy results (eigenvalues float64, eigenvectors in the operator's dtype), or
+            tensors on the operator's device.
+        max_basis_bytes: cap on the solve's memory (ARPACK's float64 basis and work space included):
+            ``ncv`` is lowered to fit; ValueError when even ncv = k + 1 does not.
+        check_multiplicity: when every pair converged, check for missed copies of repeated eigenvalues.
 
     Returns:
-        An :class:`EigenResult` that unpacks as ``(eigenvalues (k,), eigenvectors (k, n))`` numpy
-        arrays, sorted most extreme first in the sense of ``which``.
+        An :class:`EigenResult` that unpacks as ``(eigenvalues (k,), eigenvectors (k, n))``,
+        sorted most extreme first in the sense of ``which``.
 
     Raises:
         NoConvergenceError: ARPACK ran out of restarts; the message says what to raise.
     """
-    compat_flags("lanczos", fp16)
-    op = as_operator(operator)
-    k = check_num_eigenthings(num_eigenthings, op.size)
-    which = check_which(which)
-    max_steps = check_positive_int(max_steps, "max_steps")
-    tol = float(tol)
-    if not 0 < tol < float("inf"):
-        raise ValueError(f"tol must be a positive number such as 1e-6, got {tol}.")
-    if num_lanczos_vectors is None:
-        ncv = default_num_lanczos_vectors(k, op.size)
-    else:
-        ncv = check_positive_int(num_lanczos_vectors, "num_lanczos_vectors")
-        if not k < ncv <= op.size:
-            raise ValueError(
-                f"num_lanczos_vectors={ncv} must satisfy num_eigenthings < num_lanczos_vectors <= n "
-                f"({k} < ncv <= {op.size}); about 2 * num_eigenthings + 20 works well."
-            )
-    start = check_init_vectors(init_vec, op, 1, "init_vec")
-    if start is None:
-        start = random_vectors(op, 1, seed)
-    v0 = start[:, 0].detach().to("cpu", torch.float64).numpy()
-
-    first_products = op.num_products
-    base = op.to_scipy()
-    bar = progress(desc="lanczos (ARPACK)", verbose=verbose, total=None)
-
-    def counted(x: np.ndarray) -> np.ndarray:
-        bar.update(1)
-        return base.matvec(x)
-
-    scipy_op = LinearOperator(op.shape, matvec=counted, rmatvec=counted, dtype=np.float64)
+    solver = "lanczos"
+    init, init_name = pick(solver, "init_vecs", init_vecs, "init_vec", init_vec)
+    setup = check_in(
+        solver, operator, num_eigenthings, which=which, tol=tol, max_steps=max_steps, init_vecs=init, seed=seed,
+        verbose=verbose, to_numpy=to_numpy, fp16=fp16, max_basis_bytes=max_basis_bytes,
+        check_multiplicity=check_multiplicity, krylov=True, init_name=init_name,
+    )
+    op, k, n = setup.op, setup.k, setup.op.size
+    max_steps = setup.max_steps or 20
     try:
-        values, vectors = eigsh(scipy_op, k=k, which=which, maxiter=max_steps, tol=tol, ncv=ncv, v0=v0)
-    except ArpackNoConvergence as exc:
-        got = len(exc.eigenvalues)
-        raise NoConvergenceError(
-            f"ARPACK found only {got} of {k} eigenpairs to tol={tol:g} within max_steps={max_steps} "
-            f"restarts using {op.num_products - first_products} products. Raise max_steps, raise "
-            f"num_lanczos_vectors (now {ncv}), or loosen tol. The converged pairs are on this "
-            f"exception's .eigenvalues/.eigenvectors.",
-            np.asarray(exc.eigenvalues),
-            np.asarray(exc.eigenvectors).T,
-        ) from None
+        ncv = _basis_size(setup, num_lanczos_vectors)
+        if setup.starts is None:
+            start = random_vectors(op, 1, setup.seed)
+        elif setup.starts.shape[1] == 1:
+            start = setup.starts
+        else:  # one start vector for several: their normalised sum
+            start = start_block(setup.starts, torch.zeros(n, 1, dtype=op.dtype, device=op.device))
+        v0 = start[:, 0].detach().to("cpu", torch.float64).numpy()
+        try:
+            values, vectors = eigsh(op.to_scipy(), k=k, which=setup.which, maxiter=max_steps, tol=setup.tol,
+                                    ncv=ncv, v0=v0)
+        except ArpackNoConvergence as exc:
+            raise NoConvergenceError(
+                f"ARPACK found only {len(exc.eigenvalues)} of {k} eigenpairs to tol={setup.tol:g} within "
+                f"max_steps={max_steps} restarts using {op.num_products} products. Raise max_steps, raise "
+                f"num_lanczos_vectors (now {ncv}), or loosen tol; or use thick_restart_lanczos. The converged "
+                f"pairs are on this exception's .eigenvalues/.eigenvectors.",
+                np.asarray(exc.eigenvalues) / op.scale,
+                np.asarray(exc.eigenvectors).T,
+            ) from None
+        except ArpackError:
+            if op.nonzero_seen:
+                raise
+            # Every product was exactly zero (e.g. parameters the loss does not use): ARPACK stops on
+            # a zero Krylov vector, but the answer is known. The residuals are measured all the same:
+            # a warm start inside the null space of a nonzero operator must not pass for converged.
+            values_t, rows, _ = zero_pairs(setup)
+            residuals = torch.stack([torch.linalg.vector_norm(op.apply(row)) for row in rows])
+            advice = ("Every product of the Lanczos process was zero, but the operator is not: the start vector "
+                      "lies in its null space. Start from another vector (init_vecs=None for a random one).")
+        else:
+            values_t, rows, residuals = _measured_pairs(op, values, vectors, setup.which)
+            del vectors
+            advice = ("ARPACK reported convergence, but the residuals measured afterwards are larger (is the "
+                      "operator symmetric and deterministic?).")
     finally:
-        bar.close()
+        op.close()
+    return finish(setup, values_t, rows, residuals, info={"ncv": ncv}, advice=advice)
 
-    vals_t = torch.as_tensor(values, dtype=op.dtype, device=op.device)
-    order = order_by_which(vals_t, which)
-    vals_t = vals_t[order]
-    vecs_t = torch.as_tensor(vectors, dtype=op.dtype, device=op.device)[:, order]
-    residuals, _ = residual_norms(op, vals_t, vecs_t)
-    # ARPACK's own test ran in float64 on the host; a float32 operator only resolves ~eps * ||A||.
-    converged = converged_mask(residuals, vals_t, tol, op.dtype)
-    residual_arr = residuals.double().cpu().numpy()
-    warn_unconverged(
-        "lanczos", vals_t.tolist(), residual_arr.tolist(), converged.cpu().tolist(), tol,
-        "ARPACK reported convergence, but the residuals measured afterwards are larger (is the operator "
-        "symmetric and deterministic?).",
+
+def _basis_size(setup: Any, num_lanczos_vectors: Optional[int]) -> int:
+    k, n, op = setup.k, setup.op.size, setup.op
+    if num_lanczos_vectors is None:
+        wanted = default_num_lanczos_vectors(k, n)
+    else:
+        wanted = check_positive_int(num_lanczos_vectors, "num_lanczos_vectors")
+        if not k < wanted <= n:
+            raise ValueError(
+                f"num_lanczos_vectors={wanted} must satisfy num_eigenthings < num_lanczos_vectors <= n "
+                f"({k} < ncv <= {n}); about 2 * num_eigenthings + 20 works well."
+            )
+    return fit_basis(
+        setup.solver, wanted, min(n, k + 1), num_lanczos_vectors is not None, setup.max_basis_bytes,
+        lambda m: arpack_memory(n, k, m, op.dtype.itemsize),
     )
-    num_products = op.num_products - first_products
-    logger.info("lanczos: %d eigenpairs with %d products (ncv=%d).", k, num_products, ncv)
-    eigenvalues = values[order.cpu().numpy()]
-    eigenvectors = np.ascontiguousarray(vectors[:, order.cpu().numpy()].T)
-    return EigenResult(
-        eigenvalues, eigenvectors, residual_arr, converged.cpu().numpy(), num_products, which, tol,
-        info={"ncv": ncv},
-    )
+
+
+def _measured_pairs(op: Operator, values: np.ndarray, vectors: np.ndarray, which: str) -> tuple[Tensor, Tensor, Tensor]:
+    """ARPACK's pairs as (values (k,) float64, rows (k, n) in the operator's dtype and device, measured
+    residuals (k,)), ordered by ``which``; k products, one vector at a time, so that no second copy
+    of the vectors is held."""
+    values_t = torch.from_numpy(np.asarray(values, dtype=np.float64))
+    order = order_by_which(values_t, which).tolist()
+    values_t = values_t[order]
+    rows = torch.empty(len(order), op.size, dtype=op.dtype, device=op.device)
+    for row, column in enumerate(order):
+        rows[row] = torch.from_numpy(np.ascontiguousarray(vectors[:, column]))
+    theta = values_t.to(device=op.device, dtype=op.dtype)
+    residuals = torch.stack([torch.linalg.vector_norm(op.apply(rows[j]) - theta[j] * rows[j])
+                             for j in range(len(order))])
+    return values_t, rows, residuals

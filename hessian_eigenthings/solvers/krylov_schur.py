@@ -33,23 +33,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..operators.base import Operator, as_operator, runs_frozen
-from ..utils import check_num_eigenthings, check_positive_int, check_which, logger, progress
-from .result import (
-    EigenResult,
-    check_init_vectors,
-    compat_flags,
-    converged_mask,
-    order_by_which,
-    random_vectors,
-    warn_unconverged,
-)
+from ..operators.base import Operator, runs_frozen
+from ..utils import check_positive_int
+from .contract import check_in, finish
+from .inplace import right_multiply_
+from .memory import fit_basis, native_memory
+from .result import EigenResult, converged_mask, order_by_which, random_vectors
 
 # Between restarts the basis is checked when it has grown by this factor since the last check.
 CHECK_GROWTH = 1.2
@@ -63,7 +58,7 @@ class KrylovSchurOutcome:
 
     Attributes:
         values: (k,) float64 Ritz values on the host, ordered as ``which`` says.
-        vectors: (n, k) orthonormal Ritz vectors on the operator's device and dtype.
+        vectors: (k, n) orthonormal Ritz vectors as rows, on the operator's device and dtype.
         residuals: (k,) float64 ``||A x - theta x||`` from the decomposition, on the host.
         converged: (k,) bool, on the host.
         restarts: how many times the basis was compressed.
@@ -78,12 +73,38 @@ class KrylovSchurOutcome:
     checks: int
 
 
+def largest_basis(block_size: int, size: int) -> int:
+    """The most basis vectors a block of b allows in dimension n: n for single vectors, n - b for
+    blocks. The residual block that leaves the basis must be orthogonal to it; with b > 1 and fewer
+    than b dimensions left, its extra columns would be rounding noise that is not orthogonal to the
+    basis, and a restart that kept them would corrupt it. (A single vector only meets this when the
+    basis is the whole space, where every Ritz pair is exact and the solve ends.)"""
+    return size if block_size == 1 else size - block_size
+
+
 def default_basis_size(num_eigenthings: int, block_size: int, size: int) -> int:
     """The default most basis vectors: ``max(2k + 20, 40, k + 10b)`` rounded up to whole blocks,
-    capped at n. ARPACK's default basis for single vectors (measured best on planted and model
-    Hessian spectra, with a 30% thick restart); a block needs about ten blocks of Krylov degree."""
+    capped at :func:`largest_basis`. ARPACK's default basis for single vectors (measured best on
+    planted and model Hessian spectra, with a 30% thick restart); a block needs about ten blocks of
+    Krylov degree."""
     wanted = max(2 * num_eigenthings + 20, 40, num_eigenthings + 10 * block_size)
-    return min(size, block_size * math.ceil(wanted / block_size))
+    return min(largest_basis(block_size, size), block_size * math.ceil(wanted / block_size))
+
+
+#: The widest default block: batched products stop paying off beyond it.
+MAX_DEFAULT_BLOCK = 8
+
+
+def default_block_size(num_eigenthings: int, size: Optional[int] = None) -> int:
+    """``min(max(k, 2), 8)``: a block as wide as the wanted pairs (so a cluster or a repeated
+    eigenvalue among them is found), within the width where batched products still pay off; shrunk
+    so that a block method fits the operator size n (k + 3b <= n: a basis of k + 2b and the next
+    block), down to 1."""
+    block = min(max(num_eigenthings, 2), MAX_DEFAULT_BLOCK)
+    if size is not None and num_eigenthings + 3 * block > size:
+        block = (size - num_eigenthings) // 3
+        block = block if block >= 2 else 1
+    return block
 
 
 def default_keep(num_eigenthings: int, basis_size: int, block_size: int) -> int:
@@ -136,7 +157,7 @@ def krylov_schur(
         tol: the relative residual wanted, ``||A x - theta x|| <= tol * |theta|`` (with the
             rounding floor of :func:`converged_mask`).
         generator: private generator on the operator's device for the breakdown perturbation.
-        bar: a progress bar, advanced by the number of products.
+        bar: the progress bar, for the checkpoints' progress note (products move it themselves).
         first_check: basis size of the first checkpoint (default: k + 2b).
 
     Returns:
@@ -149,6 +170,7 @@ def krylov_schur(
     basis = torch.empty(n, basis_size, dtype=dtype, device=device)
     proj = torch.zeros(basis_size, basis_size, dtype=dtype, device=device)
     basis[:, :b] = torch.linalg.qr(block)[0]
+    del block  # the caller holds no other reference: one vector less for the whole solve
     scale = torch.zeros((), dtype=dtype, device=device)  # running estimate of ||A||
     m = b
     cycles = restarts = checks = 0
@@ -158,16 +180,17 @@ def krylov_schur(
         cols = slice(m - b, m)
         prev = basis[:, :m]
         product = op.apply_block(basis[:, cols]) if b > 1 else op.apply(basis[:, m - 1]).unsqueeze(1)
-        bar.update(b)
         scale = torch.maximum(scale, torch.linalg.vector_norm(product, dim=0).max())
         # Rounding-level noise: gives an invariant subspace's noise block a fresh direction.
         nudge = torch.where(scale > 0, eps * scale, torch.ones_like(scale))
         noise = torch.randn(n, b, dtype=dtype, device=device, generator=generator)
-        resid = product + noise * (nudge / math.sqrt(n))
+        # the product may be the operator's own tensor: the first step is out of place, the rest in place
+        resid = noise.mul_(nudge / math.sqrt(n)).add_(product)
+        del product, noise
         coeffs = prev.T @ resid
-        resid = resid - prev @ coeffs
+        resid.addmm_(prev, coeffs, alpha=-1)
         again = prev.T @ resid
-        resid = resid - prev @ again
+        resid.addmm_(prev, again, alpha=-1)
         coeffs = coeffs + again
         if b == 1:
             norm = torch.linalg.vector_norm(resid)
@@ -205,7 +228,8 @@ def krylov_schur(
             done = int(converged.sum())
             bar.set_postfix(converged=f"{done}/{k}", basis=m)
             if done == k or (full and cycles >= max_cycles):
-                vectors = prev @ y[:, wanted].to(device=device, dtype=dtype)
+                # (k, n) rows straight from the basis: one new block of k, no transposed copy
+                vectors = torch.mm(y[:, wanted].T.to(device=device, dtype=dtype), prev.T)
                 return KrylovSchurOutcome(
                     theta[wanted], vectors, estimates[wanted], converged, restarts, checks
                 )
@@ -216,7 +240,7 @@ def krylov_schur(
                 kept = len(chosen)
                 rotation = y[:, chosen].to(device=device, dtype=dtype)
                 coupling = (torch.from_numpy(r_host) @ y[m - b :, chosen]).to(device=device, dtype=dtype)
-                basis[:, :kept] = prev @ rotation
+                right_multiply_(prev, rotation)  # basis[:, :kept] = prev @ rotation, in place
                 basis[:, kept : kept + b] = q
                 proj.zero_()
                 proj[:kept, :kept] = torch.diag(theta[chosen].to(device=device, dtype=dtype))
@@ -231,96 +255,82 @@ def krylov_schur(
 
 @runs_frozen
 def native_solve(
-    operator: Union[Operator, Tensor, np.ndarray],
-    num_eigenthings: int,
-    which: str,
-    block_size: int,
-    max_steps: int,
-    tol: float,
-    num_lanczos_vectors: Optional[int],
-    init_vecs: Any,
-    fp16: bool,
-    to_numpy: bool,
-    seed: Optional[int],
-    verbose: bool,
+    operator: Any,
+    num_eigenthings: Any,
+    *,
     solver: str,
+    which: Any,
+    block_size: Any,
+    max_steps: Any,
+    tol: Any,
+    num_lanczos_vectors: Any,
+    init_vecs: Any,
+    init_name: str,
+    fp16: Any,
+    to_numpy: Any,
+    seed: Any,
+    verbose: Any,
+    max_basis_bytes: Any,
+    check_multiplicity: Any,
 ) -> EigenResult:
-    """Validate the arguments of a native solver, run :func:`krylov_schur`, and package the result.
+    """Check in the arguments of a native solver, run :func:`krylov_schur`, and finish the result.
 
     See :func:`~hessian_eigenthings.solvers.thick_restart.thick_restart_lanczos` for the arguments;
-    ``solver`` names the public function in messages.
+    ``solver`` names the public function in messages; ``block_size=None`` is
+    :func:`default_block_size`.
     """
-    compat_flags(solver, fp16)
-    op = as_operator(operator)
+    setup = check_in(
+        solver, operator, num_eigenthings, which=which, tol=tol, max_steps=max_steps, init_vecs=init_vecs,
+        seed=seed, verbose=verbose, to_numpy=to_numpy, fp16=fp16, max_basis_bytes=max_basis_bytes,
+        check_multiplicity=check_multiplicity, krylov=True, init_name=init_name,
+    )
+    op, k = setup.op, setup.k
     n = op.size
-    k = check_num_eigenthings(num_eigenthings, n)
-    which = check_which(which)
-    b = check_positive_int(block_size, "block_size")
-    if b > 1 and k + 2 * b > n:
-        raise ValueError(
-            f"block_size={b} is too large for num_eigenthings={k} and the operator size n={n}: a block "
-            f"method needs num_eigenthings + 2 * block_size <= n. Use a smaller block_size (or 1)."
-        )
-    max_steps = check_positive_int(max_steps, "max_steps")
-    tol = float(tol)
-    if not tol > 0:
-        raise ValueError(f"tol must be positive (a relative residual such as 1e-6), got {tol}.")
-    smallest = min(n, k + 2 * b)
-    if num_lanczos_vectors is None:
-        basis_size = default_basis_size(k, b, n)
-    else:
-        basis_size = check_positive_int(num_lanczos_vectors, "num_lanczos_vectors")
-        if not smallest <= basis_size <= n:
-            raise ValueError(
-                f"num_lanczos_vectors={basis_size} must be between num_eigenthings + 2 * block_size = "
-                f"{k + 2 * b} (or n, if smaller) and the operator size n={n}; about 2 * num_eigenthings + 10 "
-                f"works well."
-            )
-    keep = default_keep(k, basis_size, b)
-    inits = check_init_vectors(init_vecs, op, n, "init_vecs")
-    if op.is_stochastic:
-        logger.warning(
-            "%s on a stochastic operator: every product uses a different mini-batch, which a Krylov "
-            "method does not expect, and the residuals cannot fall below the mini-batch noise. Use "
-            "full_dataset=True.", solver,
-        )
-    generator = torch.Generator(device=op.device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed))
-    block = start_block(inits, random_vectors(op, b, seed))
-
-    first_products = op.num_products
-    bar = progress(desc=solver, verbose=verbose, total=None)
     try:
+        if block_size is None:
+            b = default_block_size(k, n)
+        else:
+            b = check_positive_int(block_size, "block_size")
+            if b > 1 and k + 3 * b > n:
+                raise ValueError(
+                    f"block_size={b} is too large for num_eigenthings={k} and the operator size n={n}: a block "
+                    f"method needs num_eigenthings + 3 * block_size <= n (a basis of k + 2b vectors and room for "
+                    f"the next block). Use a smaller block_size (or 1)."
+                )
+        max_steps = setup.max_steps or 100
+        basis_size = _basis_size(setup, b, num_lanczos_vectors)
+        keep = default_keep(k, basis_size, b)
+        generator = torch.Generator(device=op.device)
+        generator.manual_seed(setup.seed)  # the same on every rank: the seed is resolved once for all
         # NaN/Inf tests of the products wait for the checkpoints, which read the host anyway.
         with op.deferred_checks():
-            outcome = krylov_schur(op, k, which, block, basis_size, keep, max_steps, tol, generator, bar)
+            outcome = krylov_schur(op, k, setup.which, start_block(setup.starts, random_vectors(op, b, setup.seed)),
+                                   basis_size, keep, max_steps, setup.tol, generator, op.bar)
     finally:
-        bar.close()
-    num_products = op.num_products - first_products
-
-    residuals = outcome.residuals.numpy()
-    converged = outcome.converged.numpy()
-    advice = (
-        f"Raise max_steps (now {max_steps}) or num_lanczos_vectors (now {basis_size}), or loosen tol."
-    )
-    if op.is_stochastic:
-        advice += " The operator is stochastic: use full_dataset=True for converged eigenpairs."
-    warn_unconverged(
-        solver, outcome.values.tolist(), residuals.tolist(), converged.tolist(), tol, advice
-    )
-    logger.info(
-        "%s: %d eigenpairs with %d products (block %d, basis %d, %d restarts, %d checks).",
-        solver, k, num_products, b, basis_size, outcome.restarts, outcome.checks,
-    )
-    vectors = outcome.vectors.T.contiguous()
-    if to_numpy:
-        values: Any = outcome.values.numpy()
-        vectors = vectors.cpu().numpy()
-    else:
-        values = outcome.values.to(device=op.device, dtype=op.dtype)
+        op.close()
+    advice = f"Raise max_steps (now {max_steps}) or num_lanczos_vectors (now {basis_size}), or loosen tol."
     info = {"block_size": b, "basis_size": basis_size, "keep": keep, "restarts": outcome.restarts,
             "checks": outcome.checks}
-    return EigenResult(values, vectors, residuals, converged, num_products, which, tol, info=info)
+    return finish(setup, outcome.values, outcome.vectors, outcome.residuals, outcome.converged, advice=advice,
+                  info=info)
+
+
+def _basis_size(setup: Any, b: int, num_lanczos_vectors: Any) -> int:
+    """The basis size: given, or the default, lowered to fit ``max_basis_bytes``."""
+    k, op = setup.k, setup.op
+    n = op.size
+    smallest, largest = min(n, k + 2 * b), largest_basis(b, n)
+    if num_lanczos_vectors is None:
+        wanted = default_basis_size(k, b, n)
+    else:
+        wanted = check_positive_int(num_lanczos_vectors, "num_lanczos_vectors")
+        if not smallest <= wanted <= largest:
+            limit = f"the operator size n={n}" if b == 1 else f"n - block_size = {largest}"
+            raise ValueError(
+                f"num_lanczos_vectors={wanted} must be between num_eigenthings + 2 * block_size = "
+                f"{k + 2 * b} (or n, if smaller) and {limit}; about 2 * num_eigenthings + 10 works well."
+            )
+    return fit_basis(
+        setup.solver, wanted, smallest, num_lanczos_vectors is not None, setup.max_basis_bytes,
+        lambda m: native_memory(n, k, b, m, op.dtype.itemsize, setup.solver),
+    )

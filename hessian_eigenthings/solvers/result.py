@@ -22,10 +22,14 @@ class ConvergenceWarning(UserWarning):
 class EigenResult:
     """Eigenpairs and how they were found. Unpacks like the classic tuple: ``vals, vecs = result``.
 
+    The types are the same from every solver (``power_iteration`` gives one pair: a float and a
+    (n,) vector):
+
     Attributes:
-        eigenvalues: (k,) array (a float for ``power_iteration``), ordered as ``which`` says.
-        eigenvectors: (k, n) array, row i unit-norm and paired with eigenvalue i ((n,) tensor for
-            ``power_iteration``).
+        eigenvalues: (k,) float64, ordered as ``which`` says: a numpy array (``to_numpy=True``) or a
+            tensor on the operator's device.
+        eigenvectors: (k, n), row i unit-norm and paired with eigenvalue i, in the operator's dtype:
+            a numpy array (``to_numpy=True``) or a tensor on the operator's device.
         residuals: (k,) float64 array of ``||A v_i - lambda_i v_i||``.
         converged: (k,) bool array, True where the residual met the solver's tolerance.
         num_products: operator-vector products the solve used (a block of b counts b).

@@ -1,4 +1,8 @@
-"""Thick-restart Lanczos with full reorthogonalisation, on the operator's device."""
+"""Thick-restart Lanczos with full reorthogonalisation, on the operator's device.
+
+Wu & Simon (2000), "Thick-restart Lanczos method for large symmetric eigenvalue problems"; in the
+Krylov-Schur form of Stewart (2001), "A Krylov-Schur algorithm for large eigenproblems".
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 from torch import Tensor
 
 from ..operators.base import Operator
+from .contract import pick
 from .krylov_schur import native_solve
 from .result import EigenResult
 
@@ -24,8 +29,11 @@ def thick_restart_lanczos(
     fp16: bool = False,
     to_numpy: bool = True,
     *,
+    init_vec: Any = None,
     seed: Optional[int] = 0,
     verbose: bool = True,
+    max_basis_bytes: Optional[int] = None,
+    check_multiplicity: bool = True,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos (Krylov-Schur), natively.
 
@@ -48,17 +56,24 @@ def thick_restart_lanczos(
         tol: stop when every wanted pair has ``||A v - lambda v|| <= tol * |lambda|`` (residuals
             below ``10 * eps * max|lambda|`` of the operator's dtype count as converged).
         num_lanczos_vectors: the most basis vectors kept on the device (memory n * this);
-            between k + 2 (or n, if smaller) and n; default ``max(2k + 20, 40)`` (ARPACK's).
+            between k + 2 (or n, if smaller) and n; default ``max(2k + 20, 40)`` (ARPACK's),
+            lowered to fit ``max_basis_bytes``.
         init_vecs: warm start, a (n,) vector or (m, n) rows such as the last call's eigenvectors;
             the Lanczos start vector is their normalised sum (its Krylov space holds them all).
             One vector near the answer cuts the products most; for several vectors of a tight
             cluster, :func:`block_lanczos` with ``block_size`` = their number uses them better.
         use_gpu: ignored; vectors live on the operator's device (kept for compatibility).
         fp16: ignored with a warning; precision belongs to the operator (kept for compatibility).
-        to_numpy: return numpy arrays (eigenvalues float64); False returns tensors on the
-            operator's device and dtype.
-        seed: seed of the private generators (start vector, breakdown noise); None: fresh.
+        to_numpy: return numpy arrays (eigenvalues float64, eigenvectors in the operator's dtype);
+            False returns tensors on the operator's device (eigenvalues float64).
+        init_vec: the historical name of ``init_vecs``.
+        seed: seed of the private generators (start vector, breakdown noise); None: fresh, the same
+            on every rank under torch.distributed.
         verbose: show a progress bar of products.
+        max_basis_bytes: cap on the solve's own memory (basis, result and working vectors; see
+            :func:`~hessian_eigenthings.solver_memory`): the basis is made smaller to fit (more
+            restarts); ValueError, naming the memory needed, when even k + 2 vectors do not fit.
+        check_multiplicity: when every pair converged, check for missed copies of repeated eigenvalues.
 
     Returns:
         An :class:`EigenResult` that unpacks as ``(eigenvalues (k,), eigenvectors (k, n))``, most
@@ -66,7 +81,11 @@ def thick_restart_lanczos(
         ``num_products`` and ``info`` (restarts, checkpoints, basis size). Warns
         (ConvergenceWarning) for pairs that did not meet ``tol`` within ``max_steps``.
     """
+    solver = "thick_restart_lanczos"
+    init, init_name = pick(solver, "init_vecs", init_vecs, "init_vec", init_vec)
     return native_solve(
-        operator, num_eigenthings, which, 1, max_steps, tol, num_lanczos_vectors, init_vecs, fp16,
-        to_numpy, seed, verbose, solver="thick_restart_lanczos",
+        operator, num_eigenthings, solver=solver, which=which, block_size=1, max_steps=max_steps, tol=tol,
+        num_lanczos_vectors=num_lanczos_vectors, init_vecs=init, init_name=init_name, fp16=fp16,
+        to_numpy=to_numpy, seed=seed, verbose=verbose, max_basis_bytes=max_basis_bytes,
+        check_multiplicity=check_multiplicity,
     )

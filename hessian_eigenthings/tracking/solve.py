@@ -1,14 +1,13 @@
 """How the tracker calls an eigensolver: a mode of ``compute_hessian_eigenthings`` or any callable,
 warm-started from the previous eigenvectors.
 
-The tracker speaks to solvers through their keyword arguments, read from their signatures, so
-that a new solver added to ``SOLVER_MODES`` works here unchanged:
-
-* ``which``, ``verbose`` are passed when accepted;
-* the tolerance goes to ``tol`` or, for power iteration, ``power_iter_err_threshold``;
-* the warm start goes to ``init_vecs`` (all previous eigenvectors, (k, n)) when accepted, else to
-  ``init_vec`` (one vector: their sum, whose Krylov space holds every one of them);
-* ``power_iter_steps`` defaults to 1000 here (the historical 20 is far too few for a tolerance).
+A mode is looked up in the solver registry (``hessian_eigenthings.solvers.registry``) and spoken to
+through the keywords every solver shares: ``which``, ``tol``, ``verbose`` and the warm start
+``init_vecs`` (all previous eigenvectors, (k, n)), so a solver added to the registry works here
+unchanged. A user's callable is asked only for what its signature names: ``which`` and ``verbose``
+when accepted; the tolerance as ``tol`` or, for a power-iteration-like signature,
+``power_iter_err_threshold``; the warm start as ``init_vecs`` or else ``init_vec`` (one vector: the
+sum of the previous eigenvectors, whose Krylov space holds every one of them).
 
 Why ``"lanczos"`` is the default (``benchmarks/tracking_warm_start.py``: the digits MLP under
 full-batch GD at the edge of stability, tracked every 20 steps, relative residual 1e-4; products per
@@ -25,8 +24,8 @@ tracked step after the first, mean for k = 1 / k = 3):
 So the saving of a warm step over a cold start comes partly from the start vector and partly from
 the short basis that a good start vector makes safe. If a short warm solve fails (NoConvergenceError,
 e.g. for tiny clustered "SA" eigenvalues), it is repeated with the solver's default basis and the
-short basis is not used again. A native solver that takes ``init_vecs`` (block LOBPCG, restarted
-Lanczos) plugs in by its mode name and gets the whole block of previous eigenvectors.
+short basis is not used again. The native solvers (``"thick_restart"``, ``"block_lanczos"``) get
+the whole block of previous eigenvectors through ``init_vecs``.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..eigenthings import SOLVER_MODES
 from ..operators.base import Operator
 from ..solvers.arpack import NoConvergenceError
+from ..solvers.registry import get_solver, solver_names
 from ..solvers.result import converged_mask, residual_norms
 from ..utils import logger
 
@@ -75,7 +74,7 @@ class TrackingSolver:
     """A solver bound to the tracker's settings: ``solve(operator, k, init)`` -> :class:`SolveOutcome`.
 
     Args:
-        solver: a mode name of ``compute_hessian_eigenthings`` (``SOLVER_MODES``) or a callable
+        solver: a mode name of ``compute_hessian_eigenthings`` (a registered solver) or a callable
             ``solver(operator, num_eigenthings, **kwargs)`` returning an ``EigenResult`` or a
             ``(eigenvalues (k,), eigenvectors (k, n))`` pair; its keyword arguments are matched as
             for the modes (see the module docstring).
@@ -89,19 +88,23 @@ class TrackingSolver:
         self, solver: SolverSpec, which: str, tol: float, solver_kwargs: Optional[dict] = None, verbose: bool = False
     ) -> None:
         if isinstance(solver, str):
-            if solver not in SOLVER_MODES:
+            if solver not in solver_names():
                 raise ValueError(
-                    f"solver={solver!r} is not a known mode; choose one of {', '.join(map(repr, SOLVER_MODES))} "
+                    f"solver={solver!r} is not a known mode; choose one of {', '.join(map(repr, solver_names()))} "
                     f"or pass a callable solver(operator, num_eigenthings, which=..., init_vecs=...)."
                 )
-            runner, signature_of = SOLVER_MODES[solver]
+            entry = get_solver(solver)
+            runner = entry.run
+            # a registered solver takes the core keywords by name: nothing to read from a signature
+            self.accepted, self.open_kwargs = set(entry.keywords), False
             self.name = solver
         elif callable(solver):
-            runner = signature_of = solver
+            runner = solver
             self.name = getattr(solver, "__name__", type(solver).__name__)
+            self.accepted, self.open_kwargs = _accepted_keywords(solver)
         else:
             raise TypeError(
-                f"solver must be a mode name ({', '.join(map(repr, SOLVER_MODES))}) or a callable, "
+                f"solver must be a mode name ({', '.join(map(repr, solver_names()))}) or a callable, "
                 f"got {type(solver).__name__}."
             )
         self.mode = solver if isinstance(solver, str) else None
@@ -109,7 +112,6 @@ class TrackingSolver:
         self.which = which
         self.tol = float(tol)
         self.verbose = bool(verbose)
-        self.accepted, self.open_kwargs = _accepted_keywords(signature_of)
         self.user_kwargs = dict(solver_kwargs or {})
         clash = [name for name in self.user_kwargs if name in _RESERVED]
         if clash:
@@ -142,8 +144,6 @@ class TrackingSolver:
             kwargs["power_iter_err_threshold"] = self.tol
         elif self.open_kwargs:
             kwargs["tol"] = self.tol
-        if "power_iter_steps" in self.accepted:
-            kwargs["power_iter_steps"] = 1000
         if "verbose" in self.accepted:
             kwargs["verbose"] = self.verbose
         kwargs.update(self.user_kwargs)
@@ -210,7 +210,8 @@ class TrackingSolver:
 
 
 def _accepted_keywords(fn: Callable[..., Any]) -> tuple[set[str], bool]:
-    """(named keyword parameters, whether it takes **kwargs) of ``fn``; unknown signatures take anything."""
+    """(named keyword parameters, whether it takes **kwargs) of a user's solver ``fn``; unknown
+    signatures take anything."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
