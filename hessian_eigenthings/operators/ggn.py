@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from ..data import call_model, num_samples, slice_samples
+from ..data import as_plain_containers, call_model, like, map_tensors, num_samples, slice_samples
 from ..utils import logger
 from .graph_cache import tensor_bytes
-from .model_operator import ModelOperator
+from .model_operator import ModelOperator, _functional_call
 from .precision import autocast_context
 
 
@@ -248,32 +248,16 @@ class EmpiricalFisherOperator(ModelOperator):
         chosen = {name: p.detach() for name, p in zip(self.param_names, self._params)}
 
         def one_loss(weights: dict, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-            x1, y1 = _add_batch_dim(x), _add_batch_dim(y)
-            if isinstance(x1, (tuple, list)):
-                outputs = functional_call(model, weights, tuple(x1))
-            elif isinstance(x1, dict):
-                outputs = functional_call(model, weights, (), x1)
-            else:
-                outputs = functional_call(model, weights, (x1,))
-            loss = criterion(outputs, y1)
+            # vmap sees plain containers; the model and the loss get the user's own types back.
+            x1 = map_tensors(lambda t: t.unsqueeze(0), like(inputs, x))
+            y1 = map_tensors(lambda t: t.unsqueeze(0), like(targets, y))
+            loss = criterion(_functional_call(model, weights, x1), y1)
             return loss, loss.detach()
 
         randomness = "error" if self.eval_mode else "different"
         with autocast_context(self.precision, self.device):
             per_grads, losses = vmap(grad(one_loss, has_aux=True), in_dims=(None, 0, 0), randomness=randomness)(
-                chosen, inputs, targets
+                chosen, as_plain_containers(inputs), as_plain_containers(targets)
             )
         flat = torch.cat([per_grads[name].reshape(losses.shape[0], -1) for name in self.param_names], dim=1)
         return flat.to(self.dtype), losses
-
-
-def _add_batch_dim(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.unsqueeze(0)
-    if isinstance(obj, tuple):
-        return tuple(_add_batch_dim(item) for item in obj)
-    if isinstance(obj, list):
-        return [_add_batch_dim(item) for item in obj]
-    if isinstance(obj, dict):
-        return {key: _add_batch_dim(item) for key, item in obj.items()}
-    return obj

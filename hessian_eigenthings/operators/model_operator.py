@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterator, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -576,15 +577,11 @@ class ModelOperator(Operator):
 
 def _added_bytes(source: Any, moved: Any, owned: bool) -> int:
     """Bytes held by the tensors of ``moved`` that are not already held elsewhere."""
-    if isinstance(moved, Tensor):
-        if owned and moved is source:
-            return 0
-        return moved.numel() * moved.element_size()
-    if isinstance(moved, (tuple, list)):
-        return sum(_added_bytes(s, m, owned) for s, m in zip(source, moved))
-    if isinstance(moved, dict):
-        return sum(_added_bytes(source[k], m, owned) for k, m in moved.items())
-    return 0
+    total = 0
+    for original, copy_ in zip(tensors_in(source), tensors_in(moved)):
+        if not (owned and copy_ is original):
+            total += copy_.numel() * copy_.element_size()
+    return total
 
 
 def _functional_call(model: nn.Module, parameters: Mapping[str, Tensor], inputs: Any) -> Any:
@@ -593,8 +590,8 @@ def _functional_call(model: nn.Module, parameters: Mapping[str, Tensor], inputs:
 
     if isinstance(inputs, (tuple, list)):
         return functional_call(model, dict(parameters), tuple(inputs))
-    if isinstance(inputs, dict):
-        return functional_call(model, dict(parameters), (), inputs)
+    if isinstance(inputs, Mapping):
+        return functional_call(model, dict(parameters), (), dict(inputs))
     return functional_call(model, dict(parameters), (inputs,))
 
 
