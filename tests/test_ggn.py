@@ -391,3 +391,20 @@ def test_precision_modes_of_ggn_and_fisher_products_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     check_precision_modes(torch.device("cuda"))
+
+
+def test_empirical_fisher_refuses_batchnorm_in_training_mode_at_construction():
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    x, y = classification_data(num=20, din=4, classes=3, seed=15)
+    with pytest.raises(ValueError, match=r"BatchNorm layer '1' runs in training mode.*eval_mode=True"):
+        EmpiricalFisherOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, eval_mode=False)
+    # running statistics (the default) work, and so does eval_mode=False with the layer in eval mode
+    op = EmpiricalFisherOperator(model, [(x, y)], F.cross_entropy, use_gpu=False)
+    model[1].eval()
+    kept_modes = EmpiricalFisherOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, eval_mode=False)
+    v = torch.ones(op.size, dtype=torch.float64)
+    assert torch.allclose(op.apply(v), kept_modes.apply(v), rtol=1e-12)
+    model[1].train()  # switched back after construction: refused at the product, before torch fails
+    with pytest.raises(ValueError, match="BatchNorm"):
+        kept_modes.apply(v)

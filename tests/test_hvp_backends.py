@@ -540,8 +540,10 @@ def _wide_float32_problem():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_exact_mode_ignores_a_global_tf32_setting_and_tf32_mode_is_close():
     model, data = _wide_float32_problem()
-    reference = HVPOperator(model.double(), [(x.double(), y) for x, y in data], F.cross_entropy, use_gpu=False)
-    model = model.float().cuda()
+    # model.double() converts the module in place, so the reference gets a copy of its own
+    reference = HVPOperator(copy.deepcopy(model).double(), [(x.double(), y) for x, y in data], F.cross_entropy,
+                            use_gpu=False)
+    model = model.cuda()
     v = torch.randn(reference.size, generator=torch.Generator().manual_seed(19))
     expected = reference.apply(v.double())
     user = _precision_state()

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from ..data import as_plain_containers, call_model, like, map_tensors, num_samples, slice_samples
@@ -195,6 +195,28 @@ class EmpiricalFisherOperator(ModelOperator):
             raise ValueError(f"per_sample={per_sample!r} is not known; use one of {', '.join(map(repr, PER_SAMPLE_MODES))}.")
         super().__init__(*args, **kwargs)
         self.per_sample = per_sample
+        self._check_no_batch_statistics()
+
+    def _check_callable_now(self) -> None:
+        super()._check_callable_now()
+        self._check_no_batch_statistics()  # the model's modes may have changed since
+
+    def _check_no_batch_statistics(self) -> None:
+        """Refuse BatchNorm layers in training mode (with ``eval_mode=False``): they normalise with the
+        statistics of the batch, which a per-sample batch of one does not have (and with which the
+        sample losses would not add up to the batch loss anyway)."""
+        if self.eval_mode:
+            return
+        training = [name or type(module).__name__ for name, module in self.model.named_modules()
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training]
+        if training:
+            raise ValueError(
+                f"EmpiricalFisherOperator computes each sample's gradient on a batch of one sample, but with "
+                f"eval_mode=False the BatchNorm layer{'s' if len(training) > 1 else ''} "
+                f"{', '.join(map(repr, training))} run{'' if len(training) > 1 else 's'} in training mode, "
+                f"where the batch statistics of one sample do not exist. Use eval_mode=True (the default: "
+                f"running statistics), or put the BatchNorm layers in eval mode (module.eval())."
+            )
 
     def _chunk_products(
         self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str

@@ -123,7 +123,10 @@ class HVPOperator(ModelOperator):
                 f"backend={backend!r} is not known; use 'auto', 'double_backward' or 'forward_over_reverse'."
             )
         if batched is not None and not isinstance(batched, bool):
-            raise TypeError(f"batched must be True, False or None (decide by timing), got {batched!r}.")
+            raise TypeError(
+                f"batched must be True, False or None (decide by timing), got {batched!r} of type "
+                f"{type(batched).__name__}."
+            )
         super().__init__(
             model, dataloader, criterion, use_gpu, fp16, full_dataset, max_possible_gpu_samples, **kwargs
         )

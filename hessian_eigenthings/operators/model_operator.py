@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch, tensors_in
+from ..data import as_batches, call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch, tensors_in
 from ..model_utils import (
     ParamSpec,
     common_device,
@@ -25,7 +25,7 @@ from ..model_utils import (
     select_parameters,
     unflatten,
 )
-from ..utils import check_positive_int, logger, resolve_device
+from ..utils import check_bool, check_positive_int, logger, resolve_device
 from .base import Operator
 from .graph_cache import (
     KeptGraphs,
@@ -96,15 +96,22 @@ class ModelOperator(Operator):
     ) -> None:
         model = distributed.unwrap_model(model)
         names, chosen = select_parameters(model, params)
+        if any(p.is_inference() for p in chosen):
+            raise ValueError(
+                "The model's parameters were created under torch.inference_mode(), and such tensors can never "
+                "be differentiated. Create or load the model outside inference_mode() (torch.no_grad() is "
+                "fine), or replace its parameters with clones made outside it."
+            )
         if not callable(criterion):
             raise TypeError(f"criterion must be a callable loss(outputs, targets), got {type(criterion).__name__}.")
+        for flag, name in ((use_gpu, "use_gpu"), (fp16, "fp16"), (full_dataset, "full_dataset"),
+                           (eval_mode, "eval_mode"), (check_finite, "check_finite"),
+                           (cache_batches, "cache_batches"), (cache_graphs, "cache_graphs")):
+            check_bool(flag, name)
+        dataloader = as_batches(dataloader)
         check_reiterable(dataloader, full_dataset)
         self.max_possible_gpu_samples = check_positive_int(max_possible_gpu_samples, "max_possible_gpu_samples")
-        if not isinstance(cache_batches, bool):
-            raise TypeError(f"cache_batches must be True or False, got {cache_batches!r}.")
         self.cache_max_bytes = check_positive_int(cache_max_bytes, "cache_max_bytes")
-        if not isinstance(cache_graphs, bool):
-            raise TypeError(f"cache_graphs must be True or False, got {cache_graphs!r}.")
         if graph_cache_max_bytes is not None:
             check_positive_int(graph_cache_max_bytes, "graph_cache_max_bytes")
         self.cache_graphs = cache_graphs
@@ -121,6 +128,10 @@ class ModelOperator(Operator):
 
         super().__init__(sum(p.numel() for p in chosen), common_dtype(chosen), target)
         self.model = model
+        # The user's parameter tensors and where they were: a product refuses a model converted or
+        # given new parameter tensors since (see _check_model_unchanged).
+        self._model_params = chosen
+        self._model_device = model_device
         self.dataloader = dataloader
         self.criterion = criterion
         # True when products run under autocast (the meaning fp16 always had).
@@ -171,7 +182,39 @@ class ModelOperator(Operator):
     def _matvec(self, vec: Tensor) -> Tensor:
         return self._matmat(vec.unsqueeze(1)).squeeze(1)
 
+    def _check_callable_now(self) -> None:
+        """Raise, before touching the model or the data, where no product can be computed now."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} was called inside torch.inference_mode(): tensors made there can never "
+                f"be differentiated, so no curvature product can be computed. Call it outside the "
+                f"inference_mode() block (inside torch.no_grad() is fine: products turn gradients on themselves)."
+            )
+        self._check_model_unchanged()
+
+    def _check_model_unchanged(self) -> None:
+        """Raise if the model was converted (dtype, device) or given new parameter tensors after this
+        operator was built: its products would then mix devices or dtypes, or differentiate the loss
+        with respect to tensors the model no longer uses."""
+        current = dict(self.model.named_parameters())
+        for name, param in zip(self.param_names, self._model_params):
+            if current.get(name) is not param:
+                raise RuntimeError(
+                    f"The model's parameter {name!r} is no longer the tensor {type(self).__name__} was built "
+                    f"with (it was replaced, e.g. by assigning a new nn.Parameter or load_state_dict(assign=True)). "
+                    f"Build a new operator for the model as it is now."
+                )
+            if param.dtype != self.dtype or param.device != self._model_device:
+                raise RuntimeError(
+                    f"{type(self).__name__} was built for a model with {self.dtype} parameters on "
+                    f"{self._model_device}, but {name!r} is now {param.dtype} on {param.device}: the model was "
+                    f"converted after the operator was built (model.double(), model.to(...), model.cuda() "
+                    f"convert the model in place). Build a new operator for the converted model, or convert "
+                    f"a copy (copy.deepcopy(model)) and leave this operator's model as it was."
+                )
+
     def _matmat(self, mat: Tensor) -> Tensor:
+        self._check_callable_now()
         self._reusing = self._may_keep_work()
         try:
             out = self._product(mat)
