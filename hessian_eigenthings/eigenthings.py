@@ -52,7 +52,8 @@ SOLVER_MODES: dict[str, tuple[Callable[..., EigenResult], Callable[..., Any]]] =
 
 # keyword arguments of compute_hessian_eigenthings that configure the operator, not the solver
 _OPERATOR_KWARGS = ("params", "eval_mode", "device", "check_finite", "backend", "batched", "cache_batches",
-                    "cache_max_bytes", "cache_graphs", "graph_cache_max_bytes", "precision")
+                    "cache_max_bytes", "cache_graphs", "graph_cache_max_bytes", "precision", "reduction",
+                    "batch_size_fn")
 # solver arguments that compute_hessian_eigenthings sets itself
 _FIXED_SOLVER_ARGS = ("operator", "num_eigenthings", "to_numpy", "use_gpu", "fp16")
 

@@ -165,6 +165,12 @@ def _agreement_worker(rank: int) -> dict:
     out["density_fixed"] = spectral_density(op, num_probes=2, num_steps=15, seed=4, verbose=False).ritz_values
     # Every model operator reduces over the ranks, not only the HVP.
     out["ggn_block"] = GGNOperator(model, loader, F.cross_entropy, use_gpu=False).apply_block(block)
+    # A summing loss: the shards' sums are added, not averaged (a loss module, and a function found to sum).
+    out["sum_block"] = HVPOperator(model, loader, nn.CrossEntropyLoss(reduction="sum"), use_gpu=False,
+                                   max_possible_gpu_samples=100 if rank else 10**6).apply_block(block)
+    summing = HVPOperator(model, loader, lambda o, t: F.cross_entropy(o, t, reduction="sum"), use_gpu=False)
+    out["found_sum_block"] = summing.apply_block(block)
+    out["found_reduction"] = summing.reduction
 
     stochastic = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, full_dataset=False)
     out["stochastic"] = [stochastic.apply(block[:, 0]), stochastic.apply(block[:, 0])]
@@ -316,6 +322,10 @@ def test_two_ranks_with_uneven_shards_match_the_single_process_hessian(mlp_probl
     assert np.allclose(r0["density_fixed"], single_ritz, rtol=1e-8, atol=1e-10 * np.abs(single_ritz).max())
     for out in ranks:
         assert torch.allclose(out["ggn_block"], ggn, rtol=1e-10, atol=1e-12 * ggn.abs().max())
+        # the Hessian of the summed loss over all 512 samples is 512 times that of the mean
+        for key in ("sum_block", "found_sum_block"):
+            assert torch.allclose(out[key], 512 * expected, rtol=1e-10, atol=1e-12 * 512 * scale), key
+        assert out["found_reduction"] == "sum"
 
     # One mini-batch per rank per product, weighted by their sizes: the Hessian over their union
     # (the single-process product on the union, itself checked against dense Hessians in test_hvp).
@@ -408,15 +418,13 @@ def test_without_a_process_group_the_helpers_do_nothing(mlp_problem):
     assert distributed.get_rank() == 0 and distributed.get_world_size() == 1 and distributed.is_main_process()
     t = torch.arange(5.0)
     assert distributed.broadcast(t) is t and distributed.all_reduce_sum(t) is t
-    total, count = distributed.all_reduce_product(t, 7)
-    assert total is t and count == 7
     assert distributed.unwrap_model(model) is model
     guard = distributed.ProductGuard()
     assert not guard.active
     with pytest.raises(NonFiniteError):
         with guard:
             raise NonFiniteError("passes through")
-    assert guard.reduce(t, 3, t) == (t, 3)
+    assert guard.reduce(t, 3, t) == (t, 3, None) and guard.reduce(t, 3, t, "sum") == (t, 3, "sum")
     op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
     v = torch.ones(op.size, dtype=torch.float64)
     assert torch.allclose(op.apply(v), hessian @ v, rtol=1e-10, atol=1e-12)

@@ -376,8 +376,9 @@ def check_precision_modes(device):
     for cls in (GGNOperator, EmpiricalFisherOperator):
         for precision, dtype in expected.items():
             seen = set()
+            # reduction given: the one-time check of a plain function's reduction runs at full precision
             op = cls(model, loader, recording_cross_entropy(seen, device.type), use_gpu=device.type == "cuda",
-                     precision=precision)
+                     precision=precision, reduction="mean")
             op.apply(torch.ones(op.size, device=device))
             assert seen == {dtype}, (cls.__name__, precision, seen)
 

@@ -28,14 +28,22 @@ def rand(*shape, seed=0):
 
 
 class ForwardCounter:
-    """Counts the model's forward passes (a kept graph means no forward pass)."""
+    """Counts the model's forward passes that build a graph (a kept graph means no forward pass).
+
+    Not counted: the one forward pass without gradients with which an operator finds whether a
+    plain-function criterion averages or sums (``probes``).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.calls = 0
+        self.probes = 0
         self.handle = model.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        self.calls += 1
+        if torch.is_grad_enabled():
+            self.calls += 1
+        else:
+            self.probes += 1
 
     def close(self) -> None:
         self.handle.remove()
@@ -72,6 +80,7 @@ def test_products_in_a_frozen_block_are_exact_and_do_one_forward_pass_per_batch(
         assert len(op._kept) == micro_batches(loader) == 3  # 500 = 256 + 244, and 12
         assert op.kept_graph_plan[3] == ("double_backward", batched)
     assert counter.calls == micro_batches(loader)  # only the first product ran the model
+    assert counter.probes == 1  # and once without gradients, to find the criterion's reduction
     assert len(op._kept) == 0  # freed at the block's end
     assert_model_unchanged(model, before)
 

@@ -1,14 +1,15 @@
 """Curvature operators beside the Hessian: the generalized Gauss-Newton and the empirical Fisher.
 
 For a loss ``L(theta) = mean_i l(f(x_i; theta), y_i)`` with outputs ``f`` and Jacobian
-``J = df/dtheta``:
+``J = df/dtheta`` (or ``sum_i``, for a criterion that sums over samples: both operators are then
+the curvature of the summed loss, N times that of the mean):
 
 * Generalized Gauss-Newton (GGN): ``G = J^T H_out J`` with ``H_out`` the Hessian of the loss
   w.r.t. the outputs. It is the Hessian with the term ``sum_k (dl/df_k) d^2 f_k / dtheta^2``
   dropped, so ``G == H`` for a model linear in its parameters, and ``G`` is positive
   semi-definite whenever the loss is convex in the outputs (MSE, cross-entropy).
-* Empirical Fisher: ``F = mean_i g_i g_i^T`` with ``g_i`` the gradient of sample i's loss; PSD,
-  rank at most the number of samples.
+* Empirical Fisher: ``F = mean_i g_i g_i^T`` with ``g_i`` the gradient of sample i's loss
+  (``sum_i g_i g_i^T`` for a summing criterion); PSD, rank at most the number of samples.
 
 Both are :class:`ModelOperator` subclasses: the data loop, weighting, micro-batching, devices,
 ``params=`` blocks and the model-state guarantees are those of :class:`HVPOperator`, and every
@@ -63,8 +64,9 @@ class GGNOperator(ModelOperator):
 
     Exact: ``G v`` is computed as ``J^T (H_out (J v))`` with a Jacobian-vector product (the
     double-vjp trick, so any autograd model works), a Hessian-vector product of the loss w.r.t.
-    the outputs, and a vector-Jacobian product. ``H_out`` is the Hessian of the batch-*mean* loss,
-    so ``G`` is averaged over samples exactly like the loss Hessian of :class:`HVPOperator`.
+    the outputs, and a vector-Jacobian product. ``H_out`` is the Hessian of the criterion's loss of a
+    batch, so ``G`` is averaged over samples exactly like the loss Hessian of :class:`HVPOperator`
+    (and summed, for a criterion that sums over samples).
 
     Models may return a tensor or a tuple/list/dict of tensors; ``criterion`` receives that
     output as it is, and ``H_out`` couples all of its floating entries. Arguments are those of
@@ -177,8 +179,11 @@ class EmpiricalFisherOperator(ModelOperator):
     """The empirical Fisher ``mean_i g_i g_i^T``, ``g_i`` the gradient of sample i's loss.
 
     Sample i's loss is ``criterion`` evaluated on that sample alone (a batch of one), which for a
-    mean-reduced loss makes the batch loss the mean of the sample losses. A micro-batch of B
-    samples costs its B per-sample gradients (memory B * n) and two matrix products per block.
+    mean-reduced loss makes the batch loss the mean of the sample losses, and for a summing one
+    their sum: the operator is then ``sum_i g_i g_i^T``, the Fisher of the summed loss. The
+    samples of a batch are the rows of its tensors (so ``batch_size_fn`` is refused). A
+    micro-batch of B samples costs its B per-sample gradients (memory B * n) and two matrix
+    products per block.
 
     Args:
         per_sample: how per-sample gradients are computed: "vmap" (``torch.func``, one
@@ -193,6 +198,12 @@ class EmpiricalFisherOperator(ModelOperator):
     def __init__(self, *args: Any, per_sample: str = "auto", **kwargs: Any) -> None:
         if per_sample not in PER_SAMPLE_MODES:
             raise ValueError(f"per_sample={per_sample!r} is not known; use one of {', '.join(map(repr, PER_SAMPLE_MODES))}.")
+        if kwargs.get("batch_size_fn") is not None:
+            raise TypeError(
+                "EmpiricalFisherOperator takes the samples of a batch to be the rows of its tensors (it slices "
+                "them to compute each sample's gradient), so it takes no batch_size_fn. Give every tensor the "
+                "sample dimension first."
+            )
         super().__init__(*args, **kwargs)
         self.per_sample = per_sample
         self._check_no_batch_statistics()
@@ -221,7 +232,8 @@ class EmpiricalFisherOperator(ModelOperator):
     def _chunk_products(
         self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
     ) -> tuple[Tensor, Tensor]:
-        """Mean loss of one micro-batch and ``(1/B) G^T (G V)`` for its (B, n) per-sample gradients G."""
+        """Loss of one micro-batch and ``G^T (G V)`` for its (B, n) per-sample gradients G, divided by B
+        when the criterion averages over samples (the Fisher of the micro-batch's loss either way)."""
         count = num_samples(inputs, targets, 0)
         if self._reusing:  # inside frozen(): per-sample gradients computed once and kept
             (grads, losses), _ = self._kept_or_built(
@@ -231,9 +243,11 @@ class EmpiricalFisherOperator(ModelOperator):
             )
         else:
             grads, losses = self._per_sample_gradients(inputs, targets, count, label)
-        loss = losses.mean()
+        loss = losses.sum() if self.reduction == "sum" else losses.mean()
         block = torch.stack([torch.cat([p.reshape(-1) for p in pieces]) for pieces in columns], dim=1)
-        out = grads.T @ (grads @ block.to(grads.dtype)) / count
+        out = grads.T @ (grads @ block.to(grads.dtype))
+        if self.reduction != "sum":  # not known yet only for single samples, where both are the same
+            out = out / count
         return loss, out.to(self.dtype)
 
     def _per_sample_gradients(self, inputs: Any, targets: Any, count: int, label: str) -> tuple[Tensor, Tensor]:

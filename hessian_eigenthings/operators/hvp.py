@@ -31,18 +31,25 @@ class HVPOperator(ModelOperator):
     Args:
         model: the network. It is never changed: parameters, buffers, ``.grad``,
             ``requires_grad`` and train/eval mode are as before every call, also on error.
-        dataloader: iterable of ``(inputs, targets)`` batches (a torch DataLoader, a list, ...).
-        criterion: ``criterion(outputs, targets)`` returning the *mean* loss over the batch (a
-            scalar tensor), e.g. ``torch.nn.functional.cross_entropy``.
+        dataloader: iterable of ``(inputs, targets)`` batches (a torch DataLoader, a list, ...), or
+            one ``(inputs, targets)`` pair whose targets are a tensor (used as a single batch).
+            Inputs and targets may be tensors or nested tuples/lists/mappings of tensors.
+        criterion: ``criterion(outputs, targets)`` returning the loss of the batch as a scalar
+            tensor: the mean over its samples (e.g. ``torch.nn.functional.cross_entropy``), or
+            their sum (a loss module with ``reduction="sum"``, or a function found to sum; see
+            ``reduction``).
         use_gpu: compute on CUDA when the model is on the CPU and a GPU is available (on a copy of
             the model, synced from the original before every product). A model already on a GPU is
             used where it is.
         fp16: the old spelling of ``precision="fp16"``.
         full_dataset: True: ``H`` is the Hessian of the mean loss over every sample of the
             dataloader, batches weighted by their number of samples (exact for a short last
-            batch). False: each product uses the next mini-batch (a stochastic operator).
-        max_possible_gpu_samples: batches larger than this are split into micro-batches whose
-            products are combined exactly; bounds memory.
+            batch), or of the summed loss for a summing criterion. False: each product uses the
+            next mini-batch (a stochastic operator).
+        max_possible_gpu_samples: batches of more rows (the first dimension all their tensors
+            share) are split into micro-batches of at most this many rows, whose products are
+            combined exactly; bounds memory. A batch whose tensors share no first dimension (see
+            ``batch_size_fn``) cannot be split exactly and is refused if it holds more samples.
         params: which parameters: None for all with ``requires_grad=True``, or names / name
             prefixes / tensors of the model (see :func:`select_parameters`).
         eval_mode: True (default) evaluates the model in eval mode, so BatchNorm uses its running
@@ -92,6 +99,21 @@ class HVPOperator(ModelOperator):
             Micro-batches beyond it are computed afresh in every product. Default: 2 GiB on a
             CPU, 40% of the free memory of a GPU (read when the first graph is built in a
             ``frozen()`` block).
+        reduction: how ``criterion`` combines the samples of a batch: ``"mean"`` (``H`` is the
+            Hessian of the mean loss over all samples), ``"sum"`` (of the summed loss), or None
+            (default): a loss module's own ``reduction`` (also that of a ``functools.partial``),
+            and for a plain function found from the first product's data, by comparing the loss
+            of a set of samples with the losses of its parts (one extra forward pass without
+            gradients, in eval mode, once). A loss that is neither (a weighted mean, a mean over
+            the non-ignored targets) gets a warning, and ``H`` is then the Hessian of the batch
+            losses' mean weighted by their numbers of samples.
+        batch_size_fn: ``batch_size_fn(inputs, targets) -> int``, the number of samples of a batch
+            (or micro-batch), which weighs it in the mean. Default: the first dimension all its
+            tensors share. Needed where they share none, e.g. a language model with inputs (B, T)
+            and targets flattened to (B*T,) (``lambda x, y: x.shape[0]``); also a way to weigh
+            batches by what the loss averages over (``lambda x, y: int((y != -100).sum())`` for a
+            loss that ignores padding). It must count any set of rows, so that micro-batches
+            weigh what their batch does (checked).
         precision: ``"exact"`` (default: the parameters' dtype, TF32 off during products, the
             user's global setting restored after), ``"tf32"`` (CUDA only), ``"bf16"`` or ``"fp16"``
             (autocast). Results and their sum over batches stay in the parameters' dtype; see

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
 
@@ -16,7 +17,18 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..data import as_batches, call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch, tensors_in
+from ..data import (
+    BatchSizeFn,
+    as_batches,
+    call_model,
+    check_reiterable,
+    leading_dim,
+    move_to,
+    num_samples,
+    slice_samples,
+    split_batch,
+    tensors_in,
+)
 from ..model_utils import (
     ParamSpec,
     common_device,
@@ -25,7 +37,7 @@ from ..model_utils import (
     select_parameters,
     unflatten,
 )
-from ..utils import check_bool, check_positive_int, logger, resolve_device
+from ..utils import check_bool, check_positive_int, logger, preserved_global_rng, resolve_device, user_stacklevel
 from .base import Operator
 from .graph_cache import (
     KeptGraphs,
@@ -36,6 +48,7 @@ from .graph_cache import (
 )
 from .kernels import math_attention, rnn_without_cudnn
 from .precision import autocast_context, fp32_math, resolve_precision
+from .reduction import ReductionProbe, WeightedSum, finish, resolve_reduction
 
 
 class NonFiniteError(ValueError):
@@ -51,15 +64,16 @@ Chunk = tuple[str, Any, Any, int, tuple[int, int]]
 
 
 class ModelOperator(Operator):
-    """Base of curvature operators of ``criterion(model(inputs), targets)`` averaged over a dataloader.
+    """Base of curvature operators of ``criterion(model(inputs), targets)`` over a dataloader.
 
     The operator is the sample-weighted mean over micro-batches of what ``_chunk_products``
-    returns for each; see :class:`HVPOperator` for the meaning of every argument.
+    returns for each (their sum for a summing criterion; see operators/reduction.py); see
+    :class:`HVPOperator` for the meaning of every argument.
 
     Under torch.distributed (an initialised process group), each rank passes the dataloader of
     its own shard of the data and every product is ONE all-reduce of the sample-weighted sums and
-    sample counts: every rank gets the same product with the curvature of the mean loss over the
-    union of the shards, exact for uneven shards (``num_samples`` is then the global count). Every
+    sample counts: every rank gets the same product with the curvature of the mean (or summed)
+    loss over the union of the shards, exact for uneven shards (``num_samples`` is then the global count). Every
     rank must make the same products in the same order, with the same vectors (checked). An error
     inside a product on one rank (a NaN/Inf, a bad batch) is raised on every rank instead of
     leaving the others waiting. A ``DistributedDataParallel``-wrapped model is unwrapped: products
@@ -93,6 +107,8 @@ class ModelOperator(Operator):
         cache_graphs: bool = True,
         graph_cache_max_bytes: Optional[int] = None,
         precision: Optional[str] = None,
+        reduction: Optional[str] = None,
+        batch_size_fn: Optional[BatchSizeFn] = None,
     ) -> None:
         model = distributed.unwrap_model(model)
         names, chosen = select_parameters(model, params)
@@ -104,6 +120,11 @@ class ModelOperator(Operator):
             )
         if not callable(criterion):
             raise TypeError(f"criterion must be a callable loss(outputs, targets), got {type(criterion).__name__}.")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(
+                f"batch_size_fn must be a callable (inputs, targets) -> number of samples, got "
+                f"{type(batch_size_fn).__name__}."
+            )
         for flag, name in ((use_gpu, "use_gpu"), (fp16, "fp16"), (full_dataset, "full_dataset"),
                            (eval_mode, "eval_mode"), (check_finite, "check_finite"),
                            (cache_batches, "cache_batches"), (cache_graphs, "cache_graphs")):
@@ -134,6 +155,9 @@ class ModelOperator(Operator):
         self._model_device = model_device
         self.dataloader = dataloader
         self.criterion = criterion
+        self.batch_size_fn = batch_size_fn
+        # "mean" or "sum" (see operators/reduction.py); None until the data shows which.
+        self.reduction = resolve_reduction(reduction, criterion)
         # True when products run under autocast (the meaning fp16 always had).
         self.fp16 = self.precision in ("fp16", "bf16")
         self.cache_batches = cache_batches
@@ -235,10 +259,11 @@ class ModelOperator(Operator):
         return isinstance(self.dataloader, (list, tuple)) and self.cache_batches and not self._cache_overflowed
 
     def _product(self, mat: Tensor) -> Tensor:
-        """The block product over the data: the sample-weighted mean of the micro-batches' products."""
+        """The block product over the data: the micro-batches' products combined as the criterion's
+        reduction says (see operators/reduction.py)."""
         columns = [unflatten(mat[:, j], self._params) for j in range(mat.shape[1])]
-        total = torch.zeros_like(mat)
-        seen = 0
+        total = WeightedSum(mat, self.reduction)
+        probe = ReductionProbe(self.criterion, self.batch_size_fn) if self.reduction is None else None
         checks: list[tuple[str, Tensor, Tensor]] = []
         # Under a process group, an error on this rank is held until every rank has joined the
         # product's all-reduce, then raised on all of them (single process: a no-op).
@@ -246,21 +271,95 @@ class ModelOperator(Operator):
         with guard, self._product_context():
             for label, inputs, targets, count, key in self._chunks():
                 self._chunk_position = key
+                if total.reduction is None:
+                    self._find_reduction(probe, total, inputs, targets)
                 loss, hv = self._chunk_products(inputs, targets, columns, label)
-                total.add_(hv, alpha=count)
-                seen += count
+                total.add(hv, count)
                 if self.check_finite:
                     checks.append((label, loss.detach(), torch.isfinite(hv).all()))
             if checks and self._deferred is not None and not distributed.is_distributed(self.process_group):
                 self._deferred.extend(checks)
             elif checks:
                 self._raise_if_not_finite(checks)
-        total, seen = guard.reduce(total, seen, mat)
+            if probe is not None:
+                self._settle_reduction(probe, total)
+        summed, seen, reduction = guard.reduce(total.total(), total.samples, mat, total.reduction)
         if seen == 0:
             raise ValueError("Every batch of the dataloader was empty (0 samples); there is no loss to differentiate.")
+        if reduction is not None:
+            self.reduction = reduction
         if self.full_dataset:
             self.num_samples = seen
-        return total.div_(seen)
+        return finish(summed, seen, reduction)
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """The loss over the dataloader and its gradient, flat (n,), at the current parameters.
+
+        The loss is the one whose curvature the operator is: the mean over every sample (or the
+        sum, for a summing criterion), through the same data loop, device, micro-batching and
+        model-state guarantees as the products (eval mode unless built with ``eval_mode=False``;
+        the model's ``.grad`` is not touched). With ``full_dataset=False`` it is that of the next
+        mini-batch. Under torch.distributed it is over every rank's shard, in one all-reduce, and
+        an error on one rank is raised on every rank instead of leaving the others waiting.
+
+        Returns:
+            (loss as a float, gradient as an (n,) tensor in the operator's dtype and on its device).
+        """
+        self._check_callable_now()
+        self._reusing = self._may_keep_work()
+        total = WeightedSum(torch.zeros(self.size + 1, dtype=torch.float64, device=self.device), self.reduction)
+        probe = ReductionProbe(self.criterion, self.batch_size_fn) if self.reduction is None else None
+        offsets = self._offsets
+        guard = distributed.ProductGuard(self.process_group, self.reduce_across_ranks, (NonFiniteError,))
+        with guard, self._product_context():
+            for label, inputs, targets, count, _ in self._chunks():
+                if total.reduction is None:
+                    self._find_reduction(probe, total, inputs, targets)
+                loss = self._loss(inputs, targets, label)
+                pieces = torch.autograd.grad(loss, self._params, allow_unused=True)
+                row = torch.zeros(self.size + 1, dtype=torch.float64, device=self.device)
+                for i, piece in enumerate(pieces):
+                    if piece is not None:
+                        row[offsets[i] : offsets[i + 1]] = piece.reshape(-1)
+                row[-1] = loss.detach()
+                total.add(row, count)
+            if probe is not None:
+                self._settle_reduction(probe, total)
+        summed, seen, reduction = guard.reduce(total.total(), total.samples, None, total.reduction)
+        if seen == 0:
+            raise ValueError("Every batch of the dataloader was empty (0 samples); there is no loss to evaluate.")
+        if reduction is not None:
+            self.reduction = reduction
+        result = finish(summed, seen, reduction)
+        return float(result[-1]), result[:-1].to(self.dtype)
+
+    def _find_reduction(self, probe: ReductionProbe, total: WeightedSum, inputs: Any, targets: Any) -> None:
+        """Look at one micro-batch for whether the criterion averages or sums its samples (until
+        known). Its outputs come from extra forward passes without gradients, in eval mode (so
+        that neither dropout nor batch statistics enter), with the random state put back."""
+        with torch.no_grad(), preserved_global_rng(), \
+                preserved_model_state(self._work_model, eval_mode=True, restore_buffers=False):
+            found = probe.observe(inputs, targets, lambda batch: call_model(self._work_model, batch))
+        if found is not None:
+            total.decide(found)
+            self.reduction = found
+
+    def _settle_reduction(self, probe: ReductionProbe, total: WeightedSum) -> None:
+        """At the end of a product whose data never showed the reduction: take it as a mean (the
+        documented convention) where a mean and a sum would differ, and say so. Not while a loss
+        was NaN/Inf (the product's own check reports that); the next product looks again."""
+        if not total.ambiguous or probe.non_finite:
+            return
+        warnings.warn(
+            f"Cannot tell whether the criterion averages or sums over the samples of a batch: the batches "
+            f"{type(self).__name__} read do not show it (one row in all, or losses that are all zero). It is "
+            f"taken as a mean (the Hessian of the mean loss over the {total.samples} samples); pass "
+            f"reduction='sum' to the operator for the Hessian of the summed loss, or reduction='mean' to "
+            f"silence this warning.",
+            stacklevel=user_stacklevel(),
+        )
+        total.decide("mean")
+        self.reduction = "mean"
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -594,27 +693,52 @@ class ModelOperator(Operator):
 
     def _device_chunks(self, index: int, batch: Any) -> tuple[list[Chunk], int]:
         """The micro-batches of one dataloader batch on the compute device, and the bytes that
-        keeping them would add (device copies, and batches the dataloader made afresh)."""
+        keeping them would add (device copies, and batches the dataloader made afresh).
+
+        A batch is split along the first dimension that all its tensors share (its rows), into
+        micro-batches of at most ``max_possible_gpu_samples`` rows, each weighted by its own
+        number of samples. A batch whose tensors share no first dimension (such as inputs (B, T)
+        with targets flattened to (B*T,), counted by ``batch_size_fn``) cannot be split exactly,
+        so it is used whole, and refused when it holds more than ``max_possible_gpu_samples``.
+        """
         inputs, targets = split_batch(batch, index)
-        count = num_samples(inputs, targets, index)
+        count = num_samples(inputs, targets, index, self.batch_size_fn)
         if count == 0:
             return [], 0
+        rows = leading_dim((inputs, targets))
+        step = self.max_possible_gpu_samples
+        if rows is None and count > step:
+            shapes = sorted({tuple(t.shape) for t in tensors_in((inputs, targets))})
+            raise ValueError(
+                f"Batch {index} holds {count} samples, more than max_possible_gpu_samples={step}, but its tensors "
+                f"(shapes {shapes}) share no first dimension to split it along exactly. Raise "
+                f"max_possible_gpu_samples to at least {count}, or give every tensor the sample dimension first "
+                f"(e.g. targets of shape (B, T), flattened inside the loss) so that it can be split."
+            )
         moved_inputs, moved_targets = move_to(inputs, self.device), move_to(targets, self.device)
         # A list/tuple dataloader keeps its own tensors alive: holding them costs nothing more.
         owned = isinstance(self.dataloader, (list, tuple))
         added = _added_bytes((inputs, targets), (moved_inputs, moved_targets), owned)
-        step = self.max_possible_gpu_samples
+        if rows is None or rows <= step:
+            return [(f"batch {index}", moved_inputs, moved_targets, count, (index, 0))], added
         chunks = []
-        for number, start in enumerate(range(0, count, step)):
-            stop = min(start + step, count)
-            label = f"batch {index}" if count <= step else f"batch {index} (samples {start}:{stop})"
-            chunks.append((
-                label,
-                slice_samples(moved_inputs, start, stop) if count > step else moved_inputs,
-                slice_samples(moved_targets, start, stop) if count > step else moved_targets,
-                stop - start,
-                (index, number),
-            ))
+        unit = "samples" if self.batch_size_fn is None else "rows"
+        for number, start in enumerate(range(0, rows, step)):
+            stop = min(start + step, rows)
+            part_inputs = slice_samples(moved_inputs, start, stop)
+            part_targets = slice_samples(moved_targets, start, stop)
+            part_count = stop - start if self.batch_size_fn is None else num_samples(
+                part_inputs, part_targets, index, self.batch_size_fn)
+            chunks.append((f"batch {index} ({unit} {start}:{stop})", part_inputs, part_targets, part_count,
+                           (index, number)))
+        parts = sum(chunk[3] for chunk in chunks)
+        if parts != count:
+            raise ValueError(
+                f"Batch {index}: batch_size_fn counts {count} samples in the batch but {parts} in its micro-batches of "
+                f"at most max_possible_gpu_samples={step} rows; it must count the samples of any set of rows "
+                f"(e.g. inputs.shape[0], or the targets that are not ignored), so that micro-batches weigh exactly "
+                f"what the batch does."
+            )
         return chunks, added
 
 
