@@ -24,15 +24,17 @@ _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 def runs_frozen(fn: _Fn) -> _Fn:
     """Decorate a solver or estimator whose first argument is ``operator``: when it is an
-    :class:`Operator`, the whole call runs inside its :meth:`Operator.frozen` block."""
+    :class:`Operator`, the whole call runs inside its :meth:`Operator.frozen` block; and torch's
+    global random state is as before after the call, also when it raises."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         operator = args[0] if args else kwargs.get("operator")
-        if isinstance(operator, Operator):
-            with operator.frozen():
-                return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
+        with preserved_global_rng():
+            if isinstance(operator, Operator):
+                with operator.frozen():
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 

@@ -58,6 +58,9 @@ class NonFiniteError(ValueError):
 # Batches are kept on the compute device between products while they take at most this much memory.
 DEFAULT_CACHE_MAX_BYTES = 2**30
 
+# What a dataloader's iterator returns here once it is exhausted.
+_END = object()
+
 # One micro-batch as the data loop yields it: (label for messages, inputs, targets, samples,
 # key: (position of its batch in the dataloader, its number within that batch)).
 Chunk = tuple[str, Any, Any, int, tuple[int, int]]
@@ -175,6 +178,7 @@ class ModelOperator(Operator):
         self.param_names = names
         self.dropout_seed = 0
         self._batch_iter: Optional[Iterator] = None
+        self._data_rng_state: Optional[Tensor] = None  # the dataloader's own random stream (_on_data_stream)
         self._batch_pos = 0
         self.num_samples: Optional[int] = None
         # Device copies of the micro-batches, by position of their batch in the dataloader.
@@ -241,7 +245,9 @@ class ModelOperator(Operator):
         self._check_callable_now()
         self._reusing = self._may_keep_work()
         try:
-            out = self._product(mat)
+            # The dataloader, dropout and random layers or losses draw from the global generators.
+            with preserved_global_rng():
+                out = self._product(mat)
         except BaseException:
             self._kept.clear()  # a product that failed half-way may have kept part of a pass
             raise
@@ -305,6 +311,10 @@ class ModelOperator(Operator):
         Returns:
             (loss as a float, gradient as an (n,) tensor in the operator's dtype and on its device).
         """
+        with preserved_global_rng():
+            return self._loss_and_gradient()
+
+    def _loss_and_gradient(self) -> tuple[float, Tensor]:
         self._check_callable_now()
         self._reusing = self._may_keep_work()
         total = WeightedSum(torch.zeros(self.size + 1, dtype=torch.float64, device=self.device), self.reduction)
@@ -614,11 +624,15 @@ class ModelOperator(Operator):
     def _raw_batches(self) -> Iterator[tuple[int, Any]]:
         """Yield (position in the dataloader, batch): every batch, or the next one when stochastic."""
         if self.full_dataset:
-            empty = True
-            for index, batch in enumerate(self.dataloader):
-                empty = False
+            batches = self._on_data_stream(lambda: iter(self.dataloader))
+            index = 0
+            while True:
+                batch = self._on_data_stream(lambda: next(batches, _END))
+                if batch is _END:
+                    break
                 yield index, batch
-            if empty:
+                index += 1
+            if index == 0:
                 raise ValueError(
                     "The dataloader yielded no batches. If it is a one-shot iterator it is exhausted: pass "
                     "a torch DataLoader or a list, which can be read for every product."
@@ -626,11 +640,10 @@ class ModelOperator(Operator):
             return
         for attempt in range(2):
             if self._batch_iter is None:
-                self._batch_iter = iter(self.dataloader)
+                self._batch_iter = self._on_data_stream(lambda: iter(self.dataloader))
                 self._batch_pos = 0
-            try:
-                batch = next(self._batch_iter)
-            except StopIteration:
+            batch = self._on_data_stream(lambda: next(self._batch_iter, _END))
+            if batch is _END:
                 self._batch_iter = None
                 continue
             self._batch_pos += 1
@@ -640,6 +653,23 @@ class ModelOperator(Operator):
             "The dataloader yielded no batches (an exhausted iterator cannot be restarted): pass a torch "
             "DataLoader or a list of batches."
         )
+
+    def _on_data_stream(self, read: Callable[[], Any]) -> Any:
+        """``read()`` (start or advance the dataloader) drawing from this operator's own stream of
+        the global CPU random state, which starts where the global state was at the first read.
+
+        A DataLoader draws from the global generator (a shuffling sampler's permutation, the
+        workers' base seed). Products put the global state back when they end, so without a stream
+        of its own a reshuffling dataloader would draw the same order in every epoch.
+        """
+        user_state = torch.get_rng_state()
+        if self._data_rng_state is not None:
+            torch.set_rng_state(self._data_rng_state)
+        try:
+            return read()
+        finally:
+            self._data_rng_state = torch.get_rng_state()
+            torch.set_rng_state(user_state)
 
     def _caching(self) -> bool:
         """Whether batches read now may be kept for later products.
