@@ -163,8 +163,21 @@ def move_to(obj: Any, device: torch.device) -> Any:
     return map_tensors(move, obj)
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)``, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a mapping."""
+def call_model(model: nn.Module, inputs: Any, parameters: Optional[Mapping[str, Tensor]] = None) -> Any:
+    """``model(inputs)``, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a mapping.
+
+    ``parameters`` ({name: tensor}) stand in for those parameters of the model during the call
+    (``torch.func.functional_call``: the module's own tensors are back in place afterwards, also
+    on error), which is how ``torch.func`` transforms differentiate through the model.
+    """
+    if parameters is not None:
+        from torch.func import functional_call
+
+        if isinstance(inputs, (tuple, list)):
+            return functional_call(model, dict(parameters), tuple(inputs))
+        if isinstance(inputs, Mapping):
+            return functional_call(model, dict(parameters), (), dict(inputs))
+        return functional_call(model, dict(parameters), (inputs,))
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     if isinstance(inputs, Mapping):

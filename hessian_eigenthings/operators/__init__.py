@@ -2,6 +2,7 @@
 
 from .base import LambdaOperator, MatrixOperator, Operator, as_operator
 from .hvp import HVPOperator
-from .model_operator import ModelOperator, NonFiniteError
+from .model_operator import ModelOperator, NonFiniteError, Tangents
 
-__all__ = ["Operator", "LambdaOperator", "MatrixOperator", "as_operator", "HVPOperator", "ModelOperator", "NonFiniteError"]
+__all__ = ["Operator", "LambdaOperator", "MatrixOperator", "as_operator", "HVPOperator", "ModelOperator", "NonFiniteError",
+           "Tangents"]
