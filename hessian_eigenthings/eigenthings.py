@@ -8,6 +8,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from .operators.hvp import HVPOperator
+from .operators.options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, operator_options
 from .solvers.arpack import lanczos
 from .solvers.block_lanczos import block_lanczos
 from .solvers.power_iter import deflated_power_iteration
@@ -51,9 +52,7 @@ SOLVER_MODES: dict[str, tuple[Callable[..., EigenResult], Callable[..., Any]]] =
 }
 
 # keyword arguments of compute_hessian_eigenthings that configure the operator, not the solver
-_OPERATOR_KWARGS = ("params", "eval_mode", "device", "check_finite", "backend", "batched", "cache_batches",
-                    "cache_max_bytes", "cache_graphs", "graph_cache_max_bytes", "precision", "reduction",
-                    "batch_size_fn")
+_OPERATOR_KWARGS = operator_options(HVPOperator)
 # solver arguments that compute_hessian_eigenthings sets itself
 _FIXED_SOLVER_ARGS = ("operator", "num_eigenthings", "to_numpy", "use_gpu", "fp16")
 
@@ -67,7 +66,7 @@ def compute_hessian_eigenthings(
     mode: str = "power_iter",
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = 2**16,
+    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     **kwargs: Any,
 ) -> EigenResult:
     """Top ``num_eigenthings`` eigenpairs of the Hessian of ``loss(model(x), y)`` over ``dataloader``.
@@ -86,9 +85,8 @@ def compute_hessian_eigenthings(
         use_gpu: compute on CUDA when available (see :class:`HVPOperator`).
         fp16: products under autocast, at lower accuracy (see :class:`HVPOperator`).
         max_possible_gpu_samples: micro-batch size bound for the products.
-        **kwargs: ``params``, ``eval_mode``, ``device``, ``check_finite``, ``backend``, ``batched``,
-            ``cache_batches``, ``cache_max_bytes``, ``cache_graphs``, ``graph_cache_max_bytes``,
-            ``precision`` go to the operator;
+        **kwargs: every keyword option of :class:`HVPOperator` (``params``, ``eval_mode``,
+            ``reduction``, ``batch_size_fn``, ``precision``, ...) goes to the operator;
             everything else to the solver, e.g. ``which="LA"``, ``tol=1e-6``, ``momentum=0.5``,
             ``power_iter_steps=100``, ``max_steps``, ``num_lanczos_vectors``, ``block_size``,
             ``init_vecs``, ``verbose=False``.
