@@ -193,11 +193,11 @@ def _failure_worker(rank: int) -> dict:
     out: dict = {}
     short = dist.new_group(timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
 
-    def attempt(name: str, operator: HVPOperator, vec: torch.Tensor) -> None:
+    def attempt(name: str, operator: HVPOperator, vec: torch.Tensor = None) -> None:
         operator.process_group = short
         start = time.monotonic()
         try:
-            out[name] = ("ok", operator.apply(vec))
+            out[name] = ("ok", operator.apply(vec) if vec is not None else operator.loss_and_gradient())
         except Exception as exc:  # noqa: BLE001
             out[name] = (type(exc).__name__, str(exc))
         out[name + "_seconds"] = time.monotonic() - start
@@ -210,9 +210,18 @@ def _failure_worker(rank: int) -> dict:
     broken = loader + [(xs[:3], ys[:3], "extra")] if rank == 1 else loader
     attempt("bad_batch", HVPOperator(model, broken, F.cross_entropy, use_gpu=False), v)
 
+    def loss_failing_on_rank_1(outputs, targets):
+        if rank == 1:
+            raise RuntimeError("the loss failed on rank 1")
+        return F.cross_entropy(outputs, targets)
+
+    # The loss and gradient go through the same guard as the products.
+    attempt("gradient", HVPOperator(model, loader, loss_failing_on_rank_1, use_gpu=False))
+
     op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
     attempt("other_vectors", op, v + rank)
     attempt("healthy", op, v)  # the group survived all of the above
+    attempt("healthy_gradient", op)
 
     rank_local = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
     rank_local.reduce_across_ranks = False
@@ -361,6 +370,10 @@ def test_a_failing_rank_stops_every_rank_and_never_hangs(mlp_problem, tmp_path):
     # A malformed batch on rank 1: its own TypeError there, a DistributedError naming it on rank 0.
     assert r1["bad_batch"][0] == "TypeError" and "Batch 2" in r1["bad_batch"][1]
     assert r0["bad_batch"][0] == "DistributedError" and "Rank 1 raised" in r0["bad_batch"][1]
+    # A loss that raises on rank 1 while the ranks compute the loss and its gradient: both raise, none waits.
+    assert r1["gradient"] == ("RuntimeError", "the loss failed on rank 1")
+    assert r0["gradient"][0] == "DistributedError" and "Rank 1 raised" in r0["gradient"][1]
+    assert r0["gradient_seconds"] < SHORT_TIMEOUT_S and r1["gradient_seconds"] < SHORT_TIMEOUT_S
     # Different vectors on the two ranks: refused on both.
     for out in (r0, r1):
         assert out["other_vectors"][0] == "DistributedError" and "different vectors" in out["other_vectors"][1]
@@ -368,9 +381,15 @@ def test_a_failing_rank_stops_every_rank_and_never_hangs(mlp_problem, tmp_path):
     # After all that the group still works and gives the global product.
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     want = hessian @ v
+    loss = F.cross_entropy(model(x), y)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
     for out in (r0, r1):
         assert out["healthy"][0] == "ok"
         assert torch.allclose(out["healthy"][1], want, rtol=1e-10, atol=1e-12 * want.abs().max())
+        # the loss and gradient over both shards: the single-process ones
+        assert out["healthy_gradient"][0] == "ok"
+        assert out["healthy_gradient"][1][0] == pytest.approx(loss.item(), rel=1e-12)
+        assert torch.allclose(out["healthy_gradient"][1][1], grad, rtol=1e-10, atol=1e-13)
     # reduce_across_ranks=False: each rank's own shard.
     for rank, out in enumerate((r0, r1)):
         start, size = SHARD_STARTS[rank], sum(SHARD_BATCHES[rank])
