@@ -36,9 +36,15 @@ class HVPOperator(ModelOperator):
     ``apply_block(V)`` returns ``H V`` for a block of shape (n, b), computing all b columns from
     one forward and first backward pass per micro-batch.
 
+    Every product leaves torch's global random state as it was (the dataloader's shuffling
+    continues from product to product on a stream of the operator's own), so a model or a loss
+    that draws random numbers draws the same ones in every product.
+
     Args:
         model: the network. It is never changed: parameters, buffers, ``.grad``,
-            ``requires_grad`` and train/eval mode are as before every call, also on error.
+            ``requires_grad`` and train/eval mode are as before every call, also on error. Build a
+            new operator after converting it (``model.double()``, ``model.cuda()``): a product of
+            an operator whose model changed dtype or device, or got new parameter tensors, says so.
         dataloader: iterable of ``(inputs, targets)`` batches (a torch DataLoader, a list, ...), or
             one ``(inputs, targets)`` pair whose targets are a tensor (used as a single batch).
             Inputs and targets may be tensors or nested tuples/lists/mappings of tensors.
