@@ -1,9 +1,9 @@
 """Running under torch.distributed: every rank holds a shard of the data, products are all-reduced.
 
 A model operator (HVP, GGN, ...) under an initialised process group computes the sample-weighted
-sum of its own shard's products and joins ONE all-reduce per product (see :class:`ProductGuard`),
-so every rank gets the same product of the Hessian of the mean loss over the union of the shards,
-exact for uneven shards. Solvers then run the same arithmetic on the same numbers on every rank;
+sum of its own shard's products (the plain sum, for a criterion that sums over samples) and joins
+ONE all-reduce per product (see :class:`ProductGuard`), so every rank gets the same product of the
+Hessian of the mean (or summed) loss over the union of the shards, exact for uneven shards. Solvers then run the same arithmetic on the same numbers on every rank;
 the random start and probe vectors are made identical (a shared seed, or a broadcast from rank 0
 when the seed is None) and only rank 0 shows progress.
 

@@ -44,7 +44,7 @@ def test_a_single_pair_of_tensors_is_one_batch():
     assert as_batches((x, y)) == [(x, y)]
     batch_list = [(x[:20], y[:20]), (x[20:], y[20:])]
     assert as_batches(batch_list) is batch_list  # a list of two batches stays one
-    model = small_mlp()
+    model = small_mlp(width=6)
     hessian = dense_loss_hessian(model, F.cross_entropy, x, y)
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for data in ((x, y), [x, y]):
