@@ -285,3 +285,19 @@ def test_loss_and_gradient_follow_the_reduction(problem, criterion, total):
     assert got_loss == pytest.approx(loss.detach().item(), rel=1e-12)
     assert close(got_grad, grad, 1e-11)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_criterion_that_fails_on_part_of_a_batch_still_works_and_is_taken_as_a_mean():
+    model = small_mlp(seed=7, width=6)
+    x, y = classification_data(num=32, seed=7)
+
+    def fixed_size(outputs, targets):  # written for batches of exactly 16 samples
+        return F.cross_entropy(outputs.view(16, -1), targets.view(16))
+
+    loader = batches(x, y, [16, 16])
+    op = HVPOperator(model, loader, fixed_size, use_gpu=False)
+    v = torch.randn(op.size, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"fails on part of a batch \(RuntimeError"):
+        got = op.apply(v)
+    exact = dense_loss_hessian(model, F.cross_entropy, x, y)
+    assert close(got, exact @ v) and op.reduction == "mean"

@@ -497,12 +497,13 @@ class ModelOperator(Operator):
         was NaN/Inf (the product's own check reports that); the next pass looks again."""
         if not total.ambiguous or probe.non_finite:
             return
+        why = (f"the model or criterion fails on part of a batch ({probe.failure[:200]})" if probe.failure
+               else "one sample in all, or losses that are all zero")
         warnings.warn(
             f"Cannot tell whether the criterion averages or sums over the samples of a batch: the batches "
-            f"{type(self).__name__} read do not show it (one sample in all, or losses that are all zero). It is "
-            f"taken as a mean (the Hessian of the mean loss over the {total.samples} samples); pass "
-            f"reduction='sum' to the operator for the Hessian of the summed loss, or reduction='mean' to "
-            f"silence this warning.",
+            f"{type(self).__name__} read do not show it ({why}). It is taken as a mean (the Hessian of the mean "
+            f"loss over the {total.samples} samples); pass reduction='sum' to the operator for the Hessian of the "
+            f"summed loss, or reduction='mean' to silence this warning.",
             stacklevel=user_stacklevel(),
         )
         total.decide("mean")

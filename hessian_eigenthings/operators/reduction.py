@@ -100,11 +100,23 @@ class ReductionProbe:
         self.criterion = criterion
         self.batch_size_fn = batch_size_fn
         self.non_finite = False  # a loss was NaN/Inf: the product's own check reports it
+        self.failure: Optional[str] = None  # why the model or criterion failed on a part of a batch
         self._single: Optional[tuple[Any, Any, float]] = None  # (outputs, targets, weight) of one sample
 
     def observe(self, inputs: Any, targets: Any, forward: Callable[[Any], Any]) -> Optional[str]:
         """The reduction as far as this micro-batch shows it. ``forward(inputs)`` returns the model
-        outputs (without gradients, in eval mode: the caller's business)."""
+        outputs (without gradients, in eval mode: the caller's business).
+
+        A model or criterion that fails on a part of a batch (e.g. one written for a fixed batch
+        size) shows nothing: the failure is noted in :attr:`failure` and None returned.
+        """
+        try:
+            return self._observe(inputs, targets, forward)
+        except Exception as exc:  # noqa: BLE001 - the product itself reports errors of the whole batch
+            self.failure = f"{type(exc).__name__}: {exc}"
+            return None
+
+    def _observe(self, inputs: Any, targets: Any, forward: Callable[[Any], Any]) -> Optional[str]:
         outputs = map_tensors(_at_least_float32, forward(inputs))
         rows = _shared_rows((outputs, targets))
         if self.batch_size_fn is None and rows is not None and rows >= 2:
