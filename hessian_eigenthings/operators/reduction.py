@@ -9,7 +9,7 @@ them (``reduction="sum"``). Over a dataset of N samples in batches b of B_b samp
 
 Both are exact for unequal batches and for micro-batches. A loss module says which it is through
 its ``reduction`` attribute (as does ``functools.partial(F.cross_entropy, reduction="sum")``); for
-a plain function the operator finds out from the data (:func:`probe_reduction`), or is told
+a plain function the operator finds out from the data (:class:`ReductionProbe`), or is told
 (``reduction=`` of the operator).
 """
 
@@ -78,13 +78,14 @@ class ReductionProbe:
     cannot tell (one sample so far, every loss zero, a loss not finite). It compares the loss
     ``L`` of a set of samples with the losses ``L1``, ``L2`` of two parts of it weighing ``w1`` and
     ``w2`` samples: a mean satisfies ``L = (w1 L1 + w2 L2) / (w1 + w2)`` and a sum ``L = L1 + L2``.
-    The parts are, by preference:
+    The micro-batch is run through the model once (the caller's ``forward``); the parts are, by
+    preference:
 
     * the two halves of the rows that the model outputs and the targets share (samples, or the
-      tokens of flattened language-model outputs), weighing their numbers of rows: no extra
-      forward pass;
+      tokens of flattened language-model outputs), weighing their numbers of rows;
     * the two halves of the batch (the rows its inputs and targets share), each run through the
-      model, weighing what ``batch_size_fn`` counts in them (or their numbers of samples);
+      model (two more forward passes), weighing what ``batch_size_fn`` counts in them (or their
+      numbers of samples);
     * two micro-batches of one sample each, put together.
 
     A loss that satisfies neither (a weighted mean, a mean over a varying number of non-ignored
