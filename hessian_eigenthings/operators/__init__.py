@@ -2,7 +2,6 @@
 
 from .base import LambdaOperator, MatrixOperator, Operator, as_operator
 from .hvp import HVPOperator
-from .model_operator import ModelOperator, NonFiniteError, Tangents
+from .model_operator import ModelOperator, NonFiniteError
 
-__all__ = ["Operator", "LambdaOperator", "MatrixOperator", "as_operator", "HVPOperator", "ModelOperator", "NonFiniteError",
-           "Tangents"]
+__all__ = ["Operator", "LambdaOperator", "MatrixOperator", "as_operator", "HVPOperator", "ModelOperator", "NonFiniteError"]
