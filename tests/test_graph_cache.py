@@ -30,8 +30,9 @@ def rand(*shape, seed=0):
 class ForwardCounter:
     """Counts the model's forward passes that build a graph (a kept graph means no forward pass).
 
-    Not counted: the one forward pass without gradients with which an operator finds whether a
-    plain-function criterion averages or sums (``probes``).
+    Not counted: forward passes without gradients with which an operator finds whether a
+    plain-function criterion averages or sums where a product's own outputs cannot show it
+    (``probes``).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -80,7 +81,7 @@ def test_products_in_a_frozen_block_are_exact_and_do_one_forward_pass_per_batch(
         assert len(op._keeper.kept) == micro_batches(loader) == 3  # 500 = 256 + 244, and 12
         assert op.kept_graph_plan[3] == ("double_backward", batched)
     assert counter.calls == micro_batches(loader)  # only the first product ran the model
-    assert counter.probes == 1  # and once without gradients, to find the criterion's reduction
+    assert counter.probes == 0  # the criterion's reduction was read off the first product's outputs
     assert len(op._keeper.kept) == 0  # freed at the block's end
     assert_model_unchanged(model, before)
 

@@ -301,3 +301,26 @@ def test_a_criterion_that_fails_on_part_of_a_batch_still_works_and_is_taken_as_a
         got = op.apply(v)
     exact = dense_loss_hessian(model, F.cross_entropy, x, y)
     assert close(got, exact @ v) and op.reduction == "mean"
+
+
+@pytest.mark.parametrize("make,extra", [
+    (lambda m, d: HVPOperator(m, d, sum_function, use_gpu=False), 0),  # read off the product's own outputs
+    (lambda m, d: GGNOperator(m, d, sum_function, use_gpu=False), 0),
+    (lambda m, d: EmpiricalFisherOperator(m, d, sum_function, use_gpu=False, per_sample="loop"), 0),
+    # outputs made inside torch.func transforms cannot be looked at: one forward pass of its own
+    (lambda m, d: HVPOperator(m, d, sum_function, use_gpu=False, backend="forward_over_reverse"), 1),
+    (lambda m, d: EmpiricalFisherOperator(m, d, sum_function, use_gpu=False, per_sample="vmap"), 1),
+])
+def test_finding_the_reduction_costs_at_most_one_forward_pass_once(problem, make, extra):
+    model, loader, _, _ = problem
+    without_gradients = []
+    handle = model.register_forward_hook(lambda *_: without_gradients.append(not torch.is_grad_enabled()))
+    try:
+        op = make(model, loader)
+        v = torch.ones(op.size, dtype=torch.float64)
+        op.apply(v)
+        op.apply(v)
+    finally:
+        handle.remove()
+    assert op.reduction == "sum"
+    assert sum(without_gradients) == extra

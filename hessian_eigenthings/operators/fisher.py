@@ -48,6 +48,7 @@ class EmpiricalFisherOperator(ModelOperator):
     # The per-sample gradients are outputs; torch.func transforms refuse the hooks that measure
     # saved tensors anyway.
     measures_saved_tensors = False
+    per_sample_mean_products = True
 
     def __init__(self, *args: Any, per_sample: str = "auto", **kwargs: Any) -> None:
         if per_sample not in PER_SAMPLE_MODES:
@@ -77,19 +78,16 @@ class EmpiricalFisherOperator(ModelOperator):
                 self.per_sample = "loop"
         if grads is None:
             grads, losses = self._per_sample_loop(inputs, targets, count, label)
-        return _PerSample(grads, losses, losses.sum() if self.reduction == "sum" else losses.mean())
+        return _PerSample(grads, losses, losses.mean())
 
     def work_bytes(self, work: _PerSample) -> int:
         return tensor_bytes([work.grads, work.losses])
 
     def product(self, work: _PerSample, tangents: Tangents, keep: bool) -> Tensor:
-        """``G^T (G V)`` for the micro-batch's (B, n) per-sample gradients ``G``, divided by B when the
-        criterion averages over samples (the Fisher of the micro-batch's loss either way), (n, b)."""
+        """``G^T (G V) / B`` for the micro-batch's (B, n) per-sample gradients ``G``, (n, b): the mean
+        over its samples, whatever the criterion's reduction (see ``per_sample_mean_products``)."""
         grads = work.grads
-        out = grads.T @ (grads @ tangents.block.to(grads.dtype))
-        if self.reduction != "sum":  # not known yet only for single samples, where both are the same
-            out = out / grads.shape[0]
-        return out.to(self.dtype)
+        return (grads.T @ (grads @ tangents.block.to(grads.dtype)) / grads.shape[0]).to(self.dtype)
 
     def _check_callable_now(self) -> None:
         super()._check_callable_now()

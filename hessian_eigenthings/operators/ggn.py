@@ -70,7 +70,7 @@ class GGNOperator(ModelOperator):
     def build(self, inputs: Any, targets: Any, label: str) -> _GGNGraph:
         """The forward pass of one micro-batch and the two first-order graphs of its products."""
         outputs = self._forward(inputs)
-        loss = self._batch_loss(outputs, targets, label)
+        loss = self._batch_loss(outputs, targets, label, inputs)
         leaves = [t for t in _float_leaves(outputs) if t.requires_grad]
         if not leaves:
             return _GGNGraph(loss, [], (), [], [], (), [])

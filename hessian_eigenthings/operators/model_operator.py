@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..data import BatchSizeFn, as_batches, call_model, check_reiterable, tensors_in
+from ..data import BatchSizeFn, as_batches, call_model, check_reiterable, map_tensors, tensors_in
 from ..model_utils import ParamSpec, common_device, common_dtype, preserved_model_state, select_parameters, unflatten
 from ..utils import check_bool, check_positive_int, preserved_global_rng, resolve_device, user_stacklevel
 from .base import Operator
@@ -103,6 +103,10 @@ class ModelOperator(Operator):
     #: only :meth:`work_bytes`, e.g. for work made by ``torch.func`` transforms, which refuse the
     #: hooks that measure it).
     measures_saved_tensors: bool = True
+    #: Whether :meth:`product` returns the per-sample mean curvature of a micro-batch whatever the
+    #: criterion's reduction (the empirical Fisher, from per-sample gradients), rather than the
+    #: curvature of the criterion's loss of the micro-batch (the Hessian, the GGN).
+    per_sample_mean_products: bool = False
 
     def __init__(
         self,
@@ -186,6 +190,10 @@ class ModelOperator(Operator):
         self._checks = FiniteChecks()
         self._frozen_depth = 0  # nesting depth of frozen() blocks
         self._keeping = False  # the product in progress keeps/reuses per-micro-batch work
+        # While the criterion's reduction is unknown: the probe that looks at the micro-batch in
+        # progress (see _batch_loss), and whether it has seen that micro-batch's outputs.
+        self._probing: Optional[ReductionProbe] = None
+        self._probed = False
 
     # -- the options that live in the data loop ------------------------------------------------
     @property
@@ -256,18 +264,28 @@ class ModelOperator(Operator):
                 return call_model(self._work_model, inputs)
             return call_model(self._work_model, inputs, parameters)
 
-    def _batch_loss(self, outputs: Any, targets: Any, label: str) -> Tensor:
-        """The criterion's checked loss of one micro-batch from its model outputs."""
+    def _batch_loss(self, outputs: Any, targets: Any, label: str, inputs: Any = None) -> Tensor:
+        """The criterion's checked loss of one micro-batch (or sample) from its model outputs.
+
+        Given the ``inputs`` too, it also shows the outputs to the check of the criterion's
+        reduction while that is unknown, which then needs no forward pass of its own.
+        """
         with autocast_context(self.precision, self.device):
             loss = self.criterion(outputs, targets)
         self._check_loss(loss, label)
+        if inputs is not None and self._probing is not None and self._probing.found is None:
+            self._probed = True
+            detached = map_tensors(lambda t: t.detach(), outputs)
+            self._observe_reduction(self._probing, inputs, targets, detached)
         return loss
 
     def _loss(
         self, inputs: Any, targets: Any, label: str, parameters: Optional[Mapping[str, Tensor]] = None
     ) -> Tensor:
         """The checked loss of one micro-batch (see :meth:`_forward` for ``parameters``)."""
-        return self._batch_loss(self._forward(inputs, parameters), targets, label)
+        # Inside torch.func transforms (parameters given) the outputs are not plain tensors to look at.
+        return self._batch_loss(self._forward(inputs, parameters), targets, label,
+                                inputs=inputs if parameters is None else None)
 
     @property
     def _offsets(self) -> list[int]:
@@ -354,7 +372,7 @@ class ModelOperator(Operator):
         ``vectors`` (the block multiplied, or None) lets the ranks check they multiply the same;
         ``checked`` runs the NaN/Inf checks of products.
         """
-        total = WeightedSum(like, self.reduction)
+        total = WeightedSum(like, self.reduction, self.per_sample_mean_products)
         probe = ReductionProbe(self.criterion, self.batch_size_fn) if self.reduction is None else None
         checks: list[Check] = []
         # Under a process group, an error on this rank is held until every rank has joined the
@@ -362,9 +380,17 @@ class ModelOperator(Operator):
         guard = distributed.ProductGuard(self.process_group, self.reduce_across_ranks, (NonFiniteError,))
         with guard, self._product_context():
             for chunk in self._batches.micro_batches():
+                self._probing, self._probed = (probe if total.reduction is None else None), False
+                try:
+                    loss, value = per_micro_batch(chunk)
+                finally:
+                    self._probing = None
                 if total.reduction is None:
-                    self._find_reduction(probe, total, chunk)
-                loss, value = per_micro_batch(chunk)
+                    if not self._probed:  # its work was kept, or made inside torch.func transforms
+                        self._observe_reduction(probe, chunk.inputs, chunk.targets)
+                    if probe.found is not None:
+                        total.decide(probe.found)
+                        self.reduction = probe.found
                 total.add(value, chunk.samples)
                 if checked and self.check_finite:
                     checks.append((chunk.label, loss.detach(), torch.isfinite(value).all()))
@@ -480,16 +506,13 @@ class ModelOperator(Operator):
             )
 
     # -- the criterion's reduction ---------------------------------------------------------------
-    def _find_reduction(self, probe: ReductionProbe, total: WeightedSum, chunk: MicroBatch) -> None:
-        """Look at one micro-batch for whether the criterion averages or sums its samples (until
-        known). Its outputs come from extra forward passes without gradients, in eval mode (so
-        that neither dropout nor batch statistics enter), with the random state put back."""
+    def _observe_reduction(self, probe: ReductionProbe, inputs: Any, targets: Any, outputs: Any = None) -> None:
+        """Show one micro-batch to the check of whether the criterion averages or sums its samples.
+        Forward passes it needs (all of them without ``outputs``) run without gradients, in eval
+        mode (so that neither dropout nor batch statistics enter), with the random state put back."""
         with torch.no_grad(), preserved_global_rng(), \
                 preserved_model_state(self._work_model, eval_mode=True, restore_buffers=False):
-            found = probe.observe(chunk.inputs, chunk.targets, lambda batch: call_model(self._work_model, batch))
-        if found is not None:
-            total.decide(found)
-            self.reduction = found
+            probe.observe(inputs, targets, lambda batch: call_model(self._work_model, batch), outputs)
 
     def _settle_reduction(self, probe: ReductionProbe, total: WeightedSum) -> None:
         """At the end of a pass whose data never showed the reduction: take it as a mean (the

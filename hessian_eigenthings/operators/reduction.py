@@ -78,8 +78,8 @@ class ReductionProbe:
     cannot tell (one sample so far, every loss zero, a loss not finite). It compares the loss
     ``L`` of a set of samples with the losses ``L1``, ``L2`` of two parts of it weighing ``w1`` and
     ``w2`` samples: a mean satisfies ``L = (w1 L1 + w2 L2) / (w1 + w2)`` and a sum ``L = L1 + L2``.
-    The micro-batch is run through the model once (the caller's ``forward``); the parts are, by
-    preference:
+    The micro-batch's outputs are those of a product's own forward pass where the caller has them,
+    else from one more forward pass (the caller's ``forward``); the parts are, by preference:
 
     * the two halves of the rows that the model outputs and the targets share (samples, or the
       tokens of flattened language-model outputs), weighing their numbers of rows;
@@ -102,23 +102,25 @@ class ReductionProbe:
         self.batch_size_fn = batch_size_fn
         self.non_finite = False  # a loss was NaN/Inf: the product's own check reports it
         self.failure: Optional[str] = None  # why the model or criterion failed on a part of a batch
+        self.found: Optional[str] = None  # the reduction, once the data showed it
         self._single: Optional[tuple[Any, Any, float]] = None  # (outputs, targets, weight) of one sample
 
-    def observe(self, inputs: Any, targets: Any, forward: Callable[[Any], Any]) -> Optional[str]:
+    def observe(self, inputs: Any, targets: Any, forward: Callable[[Any], Any], outputs: Any = None) -> Optional[str]:
         """The reduction as far as this micro-batch shows it. ``forward(inputs)`` returns the model
-        outputs (without gradients, in eval mode: the caller's business).
+        outputs (without gradients, in eval mode: the caller's business); ``outputs``, where
+        given, are the micro-batch's outputs already (a product's own forward pass, detached).
 
         A model or criterion that fails on a part of a batch (e.g. one written for a fixed batch
         size) shows nothing: the failure is noted in :attr:`failure` and None returned.
         """
         try:
-            return self._observe(inputs, targets, forward)
+            self.found = self._observe(inputs, targets, forward, outputs)
         except Exception as exc:  # noqa: BLE001 - the product itself reports errors of the whole batch
             self.failure = f"{type(exc).__name__}: {exc}"
-            return None
+        return self.found
 
-    def _observe(self, inputs: Any, targets: Any, forward: Callable[[Any], Any]) -> Optional[str]:
-        outputs = map_tensors(_at_least_float32, forward(inputs))
+    def _observe(self, inputs: Any, targets: Any, forward: Callable[[Any], Any], outputs: Any) -> Optional[str]:
+        outputs = map_tensors(_at_least_float32, forward(inputs) if outputs is None else outputs)
         rows = _shared_rows((outputs, targets))
         if self.batch_size_fn is None and rows is not None and rows >= 2:
             half = rows // 2
@@ -247,25 +249,31 @@ class WeightedSum:
     Args:
         like: a tensor shaped like one result (e.g. the (n, b) product block).
         reduction: "mean", "sum" or None (not known yet).
+        per_sample_mean: the results are per-sample means whatever the reduction (such as the
+            empirical Fisher's, built from per-sample gradients), so they are weighted by their
+            samples for a sum too; only :func:`finish` then differs.
     """
 
-    def __init__(self, like: Tensor, reduction: Optional[str]) -> None:
+    def __init__(self, like: Tensor, reduction: Optional[str], per_sample_mean: bool = False) -> None:
         self.reduction = reduction
-        self._weighted = torch.zeros_like(like) if reduction != "sum" else None
-        self._plain = torch.zeros_like(like) if reduction != "mean" else None
+        self.per_sample_mean = per_sample_mean
+        self._weighted = torch.zeros_like(like) if reduction != "sum" or per_sample_mean else None
+        self._plain = torch.zeros_like(like) if reduction != "mean" and not per_sample_mean else None
         self.samples = 0
         self.all_single = True  # every micro-batch so far had at most one sample
 
     def decide(self, reduction: str) -> None:
         """Fix the reduction, dropping the sum the other one needed."""
         self.reduction = reduction
+        if self.per_sample_mean:
+            return
         if reduction == "mean":
             self._plain = None
         else:
             self._weighted = None
 
     def add(self, value: Tensor, samples: int) -> None:
-        """Add one micro-batch's result, computed with the criterion on its ``samples`` samples."""
+        """Add one micro-batch's result, computed on its ``samples`` samples."""
         if self._weighted is not None:
             self._weighted.add_(value, alpha=samples)
         if self._plain is not None:
