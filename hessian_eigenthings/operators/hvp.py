@@ -117,9 +117,10 @@ class HVPOperator(ModelOperator):
             Hessian of the mean loss over all samples), ``"sum"`` (of the summed loss), or None
             (default): a loss module's own ``reduction`` (also that of a ``functools.partial``),
             and for a plain function found from the first product's data, by comparing the loss
-            of a set of samples with the losses of its parts (one extra forward pass without
-            gradients, in eval mode, once). A loss that is neither (a weighted mean, a mean over
-            the non-ignored targets) gets a warning, and ``H`` is then the Hessian of the batch
+            of a set of samples with the losses of its parts (read off the product's own outputs;
+            a forward pass without gradients, in eval mode, once, where those come from
+            ``torch.func`` transforms). A loss that is neither (a weighted mean, a mean over the
+            non-ignored targets) gets a warning, and ``H`` is then the Hessian of the batch
             losses' mean weighted by their numbers of samples.
         batch_size_fn: ``batch_size_fn(inputs, targets) -> int``, the number of samples of a batch
             (or micro-batch), which weighs it in the mean. Default: the first dimension all its
