@@ -1,9 +1,9 @@
 """Running under torch.distributed: every rank holds a shard of the data, products are all-reduced.
 
 A model operator (HVP, GGN, ...) under an initialised process group computes the sample-weighted
-sum of its own shard's products and joins ONE all-reduce per product (see :class:`ProductGuard`),
-so every rank gets the same product of the Hessian of the mean loss over the union of the shards,
-exact for uneven shards. Solvers then run the same arithmetic on the same numbers on every rank;
+sum of its own shard's products (the plain sum, for a criterion that sums over samples) and joins
+ONE all-reduce per product (see :class:`ProductGuard`), so every rank gets the same product of the
+Hessian of the mean (or summed) loss over the union of the shards, exact for uneven shards. Solvers then run the same arithmetic on the same numbers on every rank;
 the random start and probe vectors are made identical (a shared seed, or a broadcast from rank 0
 when the seed is None) and only rank 0 shows progress.
 
@@ -111,13 +111,16 @@ def _buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if torch.finfo(dtype).bits >= 32 else torch.float32
 
 
-# Per-rank slots of a product's all-reduce: [count, status, sum of squares, sampled entries...].
+# Per-rank slots of a product's all-reduce: [count, status, reduction code, sum of squares,
+# sampled entries...]. The reduction code says how the rank's criterion combines samples (0: not
+# known yet, 1: mean, 2: sum); see operators/reduction.py.
 _SAMPLED_ENTRIES = 8
-_SLOT_WIDTH = 3 + _SAMPLED_ENTRIES
+_SLOT_WIDTH = 4 + _SAMPLED_ENTRIES
+_REDUCTIONS_BY_CODE = {1: "mean", 2: "sum"}
 
 
 def _reduce_packed(
-    total: Tensor, count: int, status: float, fingerprint: Optional[Tensor], group: Any
+    total: Tensor, count: int, status: float, fingerprint: Optional[Tensor], group: Any, reduction_code: int = 0
 ) -> tuple[Tensor, Tensor]:
     """The one all-reduce of a product: ``total`` (any shape) plus a slot per rank.
 
@@ -133,32 +136,15 @@ def _reduce_packed(
     slots = torch.zeros(world, _SLOT_WIDTH, dtype=torch.float64)
     slots[rank, 0] = count
     slots[rank, 1] = status
+    slots[rank, 2] = reduction_code
     if fingerprint is not None:
-        slots[rank, 2:] = fingerprint.to("cpu", torch.float64)
+        slots[rank, 3:] = fingerprint.to("cpu", torch.float64)
     buffer[size:] = slots.reshape(-1).to(device=buffer.device, dtype=dtype)
     _run_collective(
         "all-reduce of a Hessian-vector product", lambda: torch.distributed.all_reduce(buffer, group=group), group
     )
     summed = buffer[:size].reshape(total.shape).to(device=total.device, dtype=total.dtype)
     return summed, buffer[size:].reshape(world, _SLOT_WIDTH).to("cpu", torch.float64)
-
-
-def all_reduce_product(total: Tensor, count: int, group: Any = None) -> tuple[Tensor, int]:
-    """Sum a rank's sample-weighted product block and its sample count over the ranks, in ONE all-reduce.
-
-    Args:
-        total: (n, b) sum over this rank's samples of (samples of a micro-batch) x (its mean product).
-        count: the number of samples behind ``total`` on this rank.
-        group: the process group (default group when None).
-
-    Returns:
-        (sum of ``total`` over ranks (n, b), sum of ``count`` over ranks); the global mean product
-        is their ratio. ``(total, count)`` unchanged without a process group.
-    """
-    if not is_distributed(group) or get_world_size(group) == 1:
-        return total, count
-    summed, slots = _reduce_packed(total, count, _OK, None, group)
-    return summed, int(round(float(slots[:, 0].sum())))
 
 
 def _fingerprint(mat: Tensor) -> Tensor:
@@ -172,8 +158,8 @@ def _fingerprint(mat: Tensor) -> Tensor:
 class ProductGuard:
     """Makes one product of a model operator a collective step that every rank finishes together.
 
-    Use as ``with guard: <this rank's data loop>`` then ``total, count = guard.reduce(total, count,
-    vectors)``. Under a process group (and ``enabled``), an exception raised inside the block is held
+    Use as ``with guard: <this rank's data loop>`` then ``total, count, reduction =
+    guard.reduce(total, count, vectors, reduction)``. Under a process group (and ``enabled``), an exception raised inside the block is held
     back so that this rank still joins the all-reduce; after it, the rank that raised re-raises its
     own exception and every other rank raises too: the same class if it is one of
     ``shared_errors`` (e.g. NonFiniteError, so a caller that handles it does so on every rank
@@ -209,22 +195,30 @@ class ProductGuard:
                 return _OTHER_ERROR + 1 + index
         return _OTHER_ERROR
 
-    def reduce(self, total: Tensor, count: int, vectors: Tensor) -> tuple[Tensor, int]:
-        """Sum ``total`` (this rank's sample-weighted product) and ``count`` over the ranks; ONE all-reduce.
+    def reduce(
+        self, total: Tensor, count: int, vectors: Optional[Tensor], reduction: Optional[str] = None
+    ) -> tuple[Tensor, int, Optional[str]]:
+        """Sum ``total`` (this rank's weighted product) and ``count`` over the ranks; ONE all-reduce.
 
         Args:
-            total: (n, b) this rank's sum of (micro-batch samples) x (micro-batch product).
+            total: (n, b) this rank's sum of the micro-batches' products (weighted by their samples
+                for a mean loss).
             count: samples behind ``total``.
-            vectors: the (n, b) block being multiplied, to check that all ranks agree on it.
+            vectors: the (n, b) block being multiplied, to check that all ranks agree on it (None:
+                nothing to check, e.g. for a gradient).
+            reduction: how this rank's criterion combines samples: "mean", "sum", or None where its
+                shard could not tell (then the mean and the sum of its products are equal).
 
         Returns:
-            (summed total, summed count). Raises as the class docstring says.
+            (summed total, summed count, the reduction the ranks agree on). Raises as the class
+            docstring says, and :class:`DistributedError` when one rank found a mean and another a sum.
         """
         if not self.active:
-            return total, count
+            return total, count, reduction
         status = self._status()
-        fingerprint = _fingerprint(vectors) if self.error is None else None
-        summed, slots = _reduce_packed(total, count, status, fingerprint, self.group)
+        fingerprint = _fingerprint(vectors) if self.error is None and vectors is not None else None
+        code = {None: 0, "mean": 1, "sum": 2}[reduction]
+        summed, slots = _reduce_packed(total, count, status, fingerprint, self.group, code)
         codes = slots[:, 1].round().long().tolist()
         if self.error is not None:
             raise self.error
@@ -242,8 +236,15 @@ class ProductGuard:
                 f"this product (see {'their' if len(failed) > 1 else 'its'} own traceback); every rank stops "
                 f"here so that none waits for it."
             )
-        self._check_same_vectors(slots[:, 2:], total.dtype, vectors.numel())
-        return summed, int(round(float(slots[:, 0].sum())))
+        if vectors is not None:
+            self._check_same_vectors(slots[:, 3:], total.dtype, vectors.numel())
+        found = {_REDUCTIONS_BY_CODE[c] for c in slots[:, 2].round().long().tolist() if c}
+        if len(found) > 1:
+            raise DistributedError(
+                "The ranks disagree on how the criterion combines samples: some found a mean, others a sum "
+                "(from their own shards). Pass reduction='mean' or reduction='sum' to the operator."
+            )
+        return summed, int(round(float(slots[:, 0].sum()))), found.pop() if found else reduction
 
     def _check_same_vectors(self, prints: Tensor, dtype: torch.dtype, numel: int) -> None:
         # Ranks that run the same deterministic solver agree bit for bit; the slack only allows for

@@ -7,12 +7,12 @@ from typing import Any, Callable, Iterator, Mapping
 from torch import Tensor, nn
 
 from .operators.hvp import HVPOperator
+from .operators.options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, operator_options
 from .solvers.registry import check_keywords, get_solver, solver_names
 from .solvers.result import EigenResult
 
 # keyword arguments of compute_hessian_eigenthings that configure the operator, not the solver
-_OPERATOR_KWARGS = ("params", "eval_mode", "device", "check_finite", "backend", "batched", "cache_batches",
-                    "cache_max_bytes", "cache_graphs", "graph_cache_max_bytes", "precision")
+_OPERATOR_KWARGS = operator_options(HVPOperator)
 # solver arguments that compute_hessian_eigenthings sets itself
 _FIXED_SOLVER_ARGS = ("operator", "num_eigenthings", "to_numpy", "use_gpu", "fp16")
 
@@ -26,7 +26,7 @@ def compute_hessian_eigenthings(
     mode: str = "auto",
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = 2**16,
+    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     **kwargs: Any,
 ) -> EigenResult:
     """Top ``num_eigenthings`` eigenpairs of the Hessian of ``loss(model(x), y)`` over ``dataloader``.
@@ -48,11 +48,11 @@ def compute_hessian_eigenthings(
         use_gpu: compute on CUDA when available (see :class:`HVPOperator`).
         fp16: products under autocast, at lower accuracy (see :class:`HVPOperator`).
         max_possible_gpu_samples: micro-batch size bound for the products.
-        **kwargs: ``params``, ``eval_mode``, ``device``, ``check_finite``, ``backend``, ``batched``,
-            ``cache_batches``, ``cache_max_bytes``, ``cache_graphs``, ``graph_cache_max_bytes``,
-            ``precision`` go to the operator; everything else to the solver: the options every
-            solver takes (``which="LA"``, ``tol``, ``max_steps``, ``init_vecs``, ``seed``,
-            ``verbose``, ``max_basis_bytes``, ``check_multiplicity``) and the mode's own
+        **kwargs: every keyword option of :class:`HVPOperator` (``params``, ``eval_mode``,
+            ``reduction``, ``batch_size_fn``, ``precision``, ...) goes to the operator;
+            everything else to the solver: the options every solver takes
+            (``which="LA"``, ``tol``, ``max_steps``, ``init_vecs``, ``seed``, ``verbose``,
+            ``max_basis_bytes``, ``check_multiplicity``) and the mode's own
             (``num_lanczos_vectors``, ``block_size``, ``momentum``, ``power_iter_steps``, ...).
 
     Returns:

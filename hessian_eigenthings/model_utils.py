@@ -100,13 +100,9 @@ def common_device(params: Sequence[Tensor]) -> torch.device:
     return devices.pop()
 
 
-def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate tensors into one flat vector."""
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
 def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Split a flat vector into views shaped like ``like`` (the inverse of :func:`flatten`)."""
+    """Split a flat vector into views shaped like ``like``, in order (the inverse of concatenating
+    their flattened values)."""
     out, start = [], 0
     for t in like:
         out.append(vec[start : start + t.numel()].view_as(t))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import os
 import sys
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -30,6 +31,25 @@ def progress(
         iterable, total=total, desc=desc, disable=not verbose or not is_main_process(), leave=leave,
         dynamic_ncols=True,
     )
+
+
+@contextlib.contextmanager
+def preserved_global_rng() -> Iterator[None]:
+    """Run a block and put torch's global random state back afterwards, also when it raises: the CPU
+    generator, and the generator of every CUDA device once CUDA is initialised. Model operators
+    run every product in one (a DataLoader's iterator, dropout and a random loss all draw from
+    it), and so does every solver and estimator of this package."""
+    cpu = torch.get_rng_state()
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [torch.cuda.get_rng_state(device) for device in range(torch.cuda.device_count())]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            for device, state in enumerate(cuda):
+                torch.cuda.set_rng_state(state, device)
 
 
 def private_generator(seed: Optional[int]) -> torch.Generator:

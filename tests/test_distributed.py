@@ -165,6 +165,12 @@ def _agreement_worker(rank: int) -> dict:
     out["density_fixed"] = spectral_density(op, num_probes=2, num_steps=15, seed=4, verbose=False).ritz_values
     # Every model operator reduces over the ranks, not only the HVP.
     out["ggn_block"] = GGNOperator(model, loader, F.cross_entropy, use_gpu=False).apply_block(block)
+    # A summing loss: the shards' sums are added, not averaged (a loss module, and a function found to sum).
+    out["sum_block"] = HVPOperator(model, loader, nn.CrossEntropyLoss(reduction="sum"), use_gpu=False,
+                                   max_possible_gpu_samples=100 if rank else 10**6).apply_block(block)
+    summing = HVPOperator(model, loader, lambda o, t: F.cross_entropy(o, t, reduction="sum"), use_gpu=False)
+    out["found_sum_block"] = summing.apply_block(block)
+    out["found_reduction"] = summing.reduction
 
     stochastic = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, full_dataset=False)
     out["stochastic"] = [stochastic.apply(block[:, 0]), stochastic.apply(block[:, 0])]
@@ -187,11 +193,11 @@ def _failure_worker(rank: int) -> dict:
     out: dict = {}
     short = dist.new_group(timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
 
-    def attempt(name: str, operator: HVPOperator, vec: torch.Tensor) -> None:
+    def attempt(name: str, operator: HVPOperator, vec: torch.Tensor = None) -> None:
         operator.process_group = short
         start = time.monotonic()
         try:
-            out[name] = ("ok", operator.apply(vec))
+            out[name] = ("ok", operator.apply(vec) if vec is not None else operator.loss_and_gradient())
         except Exception as exc:  # noqa: BLE001
             out[name] = (type(exc).__name__, str(exc))
         out[name + "_seconds"] = time.monotonic() - start
@@ -204,9 +210,18 @@ def _failure_worker(rank: int) -> dict:
     broken = loader + [(xs[:3], ys[:3], "extra")] if rank == 1 else loader
     attempt("bad_batch", HVPOperator(model, broken, F.cross_entropy, use_gpu=False), v)
 
+    def loss_failing_on_rank_1(outputs, targets):
+        if rank == 1:
+            raise RuntimeError("the loss failed on rank 1")
+        return F.cross_entropy(outputs, targets)
+
+    # The loss and gradient go through the same guard as the products.
+    attempt("gradient", HVPOperator(model, loader, loss_failing_on_rank_1, use_gpu=False))
+
     op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
     attempt("other_vectors", op, v + rank)
     attempt("healthy", op, v)  # the group survived all of the above
+    attempt("healthy_gradient", op)
 
     rank_local = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
     rank_local.reduce_across_ranks = False
@@ -316,6 +331,10 @@ def test_two_ranks_with_uneven_shards_match_the_single_process_hessian(mlp_probl
     assert np.allclose(r0["density_fixed"], single_ritz, rtol=1e-8, atol=1e-10 * np.abs(single_ritz).max())
     for out in ranks:
         assert torch.allclose(out["ggn_block"], ggn, rtol=1e-10, atol=1e-12 * ggn.abs().max())
+        # the Hessian of the summed loss over all 512 samples is 512 times that of the mean
+        for key in ("sum_block", "found_sum_block"):
+            assert torch.allclose(out[key], 512 * expected, rtol=1e-10, atol=1e-12 * 512 * scale), key
+        assert out["found_reduction"] == "sum"
 
     # One mini-batch per rank per product, weighted by their sizes: the Hessian over their union
     # (the single-process product on the union, itself checked against dense Hessians in test_hvp).
@@ -351,6 +370,10 @@ def test_a_failing_rank_stops_every_rank_and_never_hangs(mlp_problem, tmp_path):
     # A malformed batch on rank 1: its own TypeError there, a DistributedError naming it on rank 0.
     assert r1["bad_batch"][0] == "TypeError" and "Batch 2" in r1["bad_batch"][1]
     assert r0["bad_batch"][0] == "DistributedError" and "Rank 1 raised" in r0["bad_batch"][1]
+    # A loss that raises on rank 1 while the ranks compute the loss and its gradient: both raise, none waits.
+    assert r1["gradient"] == ("RuntimeError", "the loss failed on rank 1")
+    assert r0["gradient"][0] == "DistributedError" and "Rank 1 raised" in r0["gradient"][1]
+    assert r0["gradient_seconds"] < SHORT_TIMEOUT_S and r1["gradient_seconds"] < SHORT_TIMEOUT_S
     # Different vectors on the two ranks: refused on both.
     for out in (r0, r1):
         assert out["other_vectors"][0] == "DistributedError" and "different vectors" in out["other_vectors"][1]
@@ -358,9 +381,15 @@ def test_a_failing_rank_stops_every_rank_and_never_hangs(mlp_problem, tmp_path):
     # After all that the group still works and gives the global product.
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     want = hessian @ v
+    loss = F.cross_entropy(model(x), y)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
     for out in (r0, r1):
         assert out["healthy"][0] == "ok"
         assert torch.allclose(out["healthy"][1], want, rtol=1e-10, atol=1e-12 * want.abs().max())
+        # the loss and gradient over both shards: the single-process ones
+        assert out["healthy_gradient"][0] == "ok"
+        assert out["healthy_gradient"][1][0] == pytest.approx(loss.item(), rel=1e-12)
+        assert torch.allclose(out["healthy_gradient"][1][1], grad, rtol=1e-10, atol=1e-13)
     # reduce_across_ranks=False: each rank's own shard.
     for rank, out in enumerate((r0, r1)):
         start, size = SHARD_STARTS[rank], sum(SHARD_BATCHES[rank])
@@ -396,7 +425,7 @@ def test_tracker_under_two_ranks_writes_once_and_records_global_values(tmp_path,
             loss = nn.functional.cross_entropy(model(x), y)
             grad = torch.autograd.grad(loss, list(model.parameters()))
             hessian = dense_loss_hessian(model, nn.functional.cross_entropy, x, y)
-        assert record["loss"] == pytest.approx(float(loss), rel=1e-10)
+        assert record["loss"] == pytest.approx(float(loss.detach()), rel=1e-10)
         assert record["grad_norm"] == pytest.approx(float(torch.cat([g.reshape(-1) for g in grad]).norm()), rel=1e-9)
         top = np.sort(np.linalg.eigvalsh(hessian.numpy()))[::-1][:2]
         assert np.allclose(record["eigenvalues"], top, rtol=1e-4)
@@ -408,15 +437,13 @@ def test_without_a_process_group_the_helpers_do_nothing(mlp_problem):
     assert distributed.get_rank() == 0 and distributed.get_world_size() == 1 and distributed.is_main_process()
     t = torch.arange(5.0)
     assert distributed.broadcast(t) is t and distributed.all_reduce_sum(t) is t
-    total, count = distributed.all_reduce_product(t, 7)
-    assert total is t and count == 7
     assert distributed.unwrap_model(model) is model
     guard = distributed.ProductGuard()
     assert not guard.active
     with pytest.raises(NonFiniteError):
         with guard:
             raise NonFiniteError("passes through")
-    assert guard.reduce(t, 3, t) == (t, 3)
+    assert guard.reduce(t, 3, t) == (t, 3, None) and guard.reduce(t, 3, t, "sum") == (t, 3, "sum")
     op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
     v = torch.ones(op.size, dtype=torch.float64)
     assert torch.allclose(op.apply(v), hessian @ v, rtol=1e-10, atol=1e-12)

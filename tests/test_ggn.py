@@ -190,6 +190,80 @@ def test_empirical_fisher_matches_mean_of_gradient_outer_products(per_sample):
     assert abs(est.estimate - exact) < 4 * est.std_error + 1e-9
 
 
+class KeywordModel(nn.Module):
+    """Takes its inputs by keyword, one of them a nested (tuple of mappings of lists) structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(2, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x, extra):
+        scale, pieces = extra
+        return self.out(torch.tanh(self.a(x) + self.b(pieces["z"][0]) * scale["s"]))
+
+
+def keyword_problem(container):
+    from collections import UserDict
+
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    z = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    s = torch.rand(30, 1, generator=gen, dtype=torch.float64) + 0.5
+    y = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+
+    def inputs(i, j):
+        return container({"x": x[i:j], "extra": (UserDict({"s": s[i:j]}), {"z": [z[i:j]]})})
+
+    def targets(i, j):
+        return UserDict({"y": y[i:j]})
+
+    return (x, z, s, y), [(inputs(0, 18), targets(0, 18)), (inputs(18, 30), targets(18, 30))]
+
+
+def mse_of_mapping(out, t):
+    assert type(t).__name__ == "UserDict"  # the loss gets the user's own container type
+    return F.mse_loss(out, t["y"])
+
+
+@pytest.mark.parametrize("per_sample", ["vmap", "loop"])
+@pytest.mark.parametrize("container", ["UserDict", "dict"])
+def test_empirical_fisher_splits_mapping_and_nested_inputs_per_sample(per_sample, container):
+    from collections import UserDict
+
+    torch.manual_seed(14)
+    model = KeywordModel().double()
+    (x, z, s, y), loader = keyword_problem(UserDict if container == "UserDict" else dict)
+    params = list(model.parameters())
+    rows = []
+    for i in range(30):
+        out = model(x[i : i + 1], ({"s": s[i : i + 1]}, {"z": [z[i : i + 1]]}))
+        g = torch.autograd.grad(F.mse_loss(out, y[i : i + 1]), params)
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+    grads = torch.stack(rows)
+    reference = grads.T @ grads / 30
+    op = EmpiricalFisherOperator(model, loader, mse_of_mapping, use_gpu=False, per_sample=per_sample,
+                                 max_possible_gpu_samples=7)
+    assert torch.allclose(dense(op), reference, rtol=1e-11, atol=1e-13)
+    assert op.per_sample == per_sample  # vmap handled the mappings itself, without falling back
+    # the Hessian of the same data matches the dense Hessian of the whole dataset
+    hvp = HVPOperator(model, loader, mse_of_mapping, use_gpu=False, max_possible_gpu_samples=7)
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss_of(flat):
+        pieces, start = {}, 0
+        for name, p in zip(names, params):
+            pieces[name] = flat[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        out = functional_call(model, pieces, (x, ({"s": s}, {"z": [z]})))
+        return F.mse_loss(out, y)
+
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+    hessian = torch.autograd.functional.hessian(loss_of, flat0)
+    assert torch.allclose(dense(hvp), hessian, rtol=1e-10, atol=1e-12)
+
+
 class ItemModel(nn.Module):
     """A forward pass that calls .item(), which torch.func cannot vectorise."""
 
@@ -302,8 +376,9 @@ def check_precision_modes(device):
     for cls in (GGNOperator, EmpiricalFisherOperator):
         for precision, dtype in expected.items():
             seen = set()
+            # reduction given: the one-time check of a plain function's reduction runs at full precision
             op = cls(model, loader, recording_cross_entropy(seen, device.type), use_gpu=device.type == "cuda",
-                     precision=precision)
+                     precision=precision, reduction="mean")
             op.apply(torch.ones(op.size, device=device))
             assert seen == {dtype}, (cls.__name__, precision, seen)
 
@@ -317,3 +392,20 @@ def test_precision_modes_of_ggn_and_fisher_products_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     check_precision_modes(torch.device("cuda"))
+
+
+def test_empirical_fisher_refuses_batchnorm_in_training_mode_at_construction():
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    x, y = classification_data(num=20, din=4, classes=3, seed=15)
+    with pytest.raises(ValueError, match=r"BatchNorm layer '1' runs in training mode.*eval_mode=True"):
+        EmpiricalFisherOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, eval_mode=False)
+    # running statistics (the default) work, and so does eval_mode=False with the layer in eval mode
+    op = EmpiricalFisherOperator(model, [(x, y)], F.cross_entropy, use_gpu=False)
+    model[1].eval()
+    kept_modes = EmpiricalFisherOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, eval_mode=False)
+    v = torch.ones(op.size, dtype=torch.float64)
+    assert torch.allclose(op.apply(v), kept_modes.apply(v), rtol=1e-12)
+    model[1].train()  # switched back after construction: refused at the product, before torch fails
+    with pytest.raises(ValueError, match="BatchNorm"):
+        kept_modes.apply(v)

@@ -28,14 +28,23 @@ def rand(*shape, seed=0):
 
 
 class ForwardCounter:
-    """Counts the model's forward passes (a kept graph means no forward pass)."""
+    """Counts the model's forward passes that build a graph (a kept graph means no forward pass).
+
+    Not counted: forward passes without gradients with which an operator finds whether a
+    plain-function criterion averages or sums where a product's own outputs cannot show it
+    (``probes``).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.calls = 0
+        self.probes = 0
         self.handle = model.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        self.calls += 1
+        if torch.is_grad_enabled():
+            self.calls += 1
+        else:
+            self.probes += 1
 
     def close(self) -> None:
         self.handle.remove()
@@ -69,10 +78,11 @@ def test_products_in_a_frozen_block_are_exact_and_do_one_forward_pass_per_batch(
             assert close(op.apply(v), hessian @ v)
             block = rand(op.size, 3, seed=10 + step)
             assert close(op.apply_block(block), hessian @ block)
-        assert len(op._kept) == micro_batches(loader) == 3  # 500 = 256 + 244, and 12
+        assert len(op._keeper.kept) == micro_batches(loader) == 3  # 500 = 256 + 244, and 12
         assert op.kept_graph_plan[3] == ("double_backward", batched)
     assert counter.calls == micro_batches(loader)  # only the first product ran the model
-    assert len(op._kept) == 0  # freed at the block's end
+    assert counter.probes == 0  # the criterion's reduction was read off the first product's outputs
+    assert len(op._keeper.kept) == 0  # freed at the block's end
     assert_model_unchanged(model, before)
 
 
@@ -83,7 +93,7 @@ def test_outside_a_frozen_block_every_product_runs_the_model(counted):
         v = rand(op.size, seed=step)
         assert close(op.apply(v), hessian @ v)
     assert counter.calls == 3 * micro_batches(loader)
-    assert len(op._kept) == 0
+    assert len(op._keeper.kept) == 0
 
 
 def test_cache_graphs_false_and_no_batch_cache_keep_nothing(counted):
@@ -95,7 +105,7 @@ def test_cache_graphs_false_and_no_batch_cache_keep_nothing(counted):
             for step in range(3):
                 v = rand(op.size, seed=step)
                 assert close(op.apply(v), hessian @ v)
-            assert len(op._kept) == 0
+            assert len(op._keeper.kept) == 0
         assert counter.calls == 3 * micro_batches(loader)
 
 
@@ -106,7 +116,7 @@ def test_forced_forward_over_reverse_keeps_no_graph(counted):
         for step in range(2):
             v = rand(op.size, seed=step)
             assert close(op.apply(v), hessian @ v, 1e-9)
-        assert len(op._kept) == 0
+        assert len(op._keeper.kept) == 0
 
 
 def test_a_parameter_changed_inside_the_block_rebuilds_the_graphs():
@@ -134,8 +144,8 @@ def test_budget_keeps_a_prefix_of_the_batches_and_products_stay_exact():
     op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
     with op.frozen():
         op.apply(rand(op.size))
-        per_batch = op._kept.bytes / 4
-        assert len(op._kept) == 4 and per_batch > 0
+        per_batch = op._keeper.kept.bytes / 4
+        assert len(op._keeper.kept) == 4 and per_batch > 0
     counter = ForwardCounter(model)
     try:
         op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, graph_cache_max_bytes=int(2.5 * per_batch))
@@ -143,7 +153,7 @@ def test_budget_keeps_a_prefix_of_the_batches_and_products_stay_exact():
             for step in range(3):
                 v = rand(op.size, seed=step)
                 assert close(op.apply(v), hessian @ v)
-            assert len(op._kept) == 2
+            assert len(op._keeper.kept) == 2
         # 4 forward passes in the first product, then only the 2 batches that were not kept.
         assert counter.calls == 4 + 2 * 2
     finally:
@@ -166,7 +176,7 @@ def test_kept_graphs_are_freed_when_the_block_ends(mlp_problem):
     with op.frozen():
         op.apply(rand(op.size))
         # The loss and the gradients hold the graphs; nothing else refers to them.
-        held = [weakref.ref(t) for g in op._kept.graphs.values() for t in (g.loss, *g.grads)]
+        held = [weakref.ref(t) for g in op._keeper.kept.graphs.values() for t in (g.loss, *g.grads)]
         assert len(held) == 3 * 7 and all(ref() is not None for ref in held)
     gc.collect()
     assert all(ref() is None for ref in held)
@@ -178,9 +188,9 @@ def test_nested_blocks_keep_the_graphs_until_the_outermost_ends(counted):
     with op.frozen():
         with op.frozen():
             op.apply(rand(op.size))
-        assert len(op._kept) == micro_batches(loader)
+        assert len(op._keeper.kept) == micro_batches(loader)
         op.apply(rand(op.size, seed=1))
-    assert counter.calls == micro_batches(loader) and len(op._kept) == 0
+    assert counter.calls == micro_batches(loader) and len(op._keeper.kept) == 0
 
 
 def test_an_error_inside_the_block_frees_the_graphs_and_leaves_the_model_as_it_was(mlp_problem):
@@ -191,7 +201,7 @@ def test_an_error_inside_the_block_frees_the_graphs_and_leaves_the_model_as_it_w
         with op.frozen():
             op.apply(rand(op.size))
             raise RuntimeError("stop")
-    assert len(op._kept) == 0
+    assert len(op._keeper.kept) == 0
     assert_model_unchanged(model, before)
 
 
@@ -219,7 +229,7 @@ def test_eval_mode_false_with_dropout_keeps_graphs_and_the_same_masks():
         for step in range(3):
             v = rand(plain.size, seed=step)
             assert close(kept.apply(v), plain.apply(v))
-        assert len(kept._kept) == 2
+        assert len(kept._keeper.kept) == 2
 
 
 def test_eval_mode_false_with_batchnorm_keeps_no_graph_and_stays_exact():
@@ -234,7 +244,7 @@ def test_eval_mode_false_with_batchnorm_keeps_no_graph_and_stays_exact():
         for step in range(2):
             v = rand(plain.size, seed=step)
             assert close(frozen.apply(v), plain.apply(v))
-        assert len(frozen._kept) == 0
+        assert len(frozen._keeper.kept) == 0
     assert_model_unchanged(model, before)
 
 
@@ -323,13 +333,13 @@ def test_kept_graphs_on_cuda_with_a_device_copy_of_a_cpu_model():
                 assert close(op.apply(v.cuda()).cpu(), hessian @ v)
                 block = rand(op.size, 4, seed=step)
                 assert close(op.apply_block(block.cuda()).cpu(), hessian @ block)
-            assert len(op._kept) == 2
+            assert len(op._keeper.kept) == 2
             with torch.no_grad():  # the user's model changes: the copy is synced, the graphs rebuilt
                 model[0].bias.add_(0.1)
             changed = dense_loss_hessian(model, F.cross_entropy, x, y)
             v = rand(op.size, seed=9)
             assert close(op.apply(v.cuda()).cpu(), changed @ v)
-        assert counter.calls == 2 * 2 and len(op._kept) == 0
+        assert counter.calls == 2 * 2 and len(op._keeper.kept) == 0
     finally:
         counter.close()
 
@@ -354,7 +364,7 @@ def test_kept_graphs_for_a_parameter_subset_and_an_unused_parameter():
         for step in range(3):
             block = rand(op.size, 2, seed=step)
             assert close(op.apply_block(block), hessian @ block)
-        assert len(op._kept) == 2
+        assert len(op._keeper.kept) == 2
 
 
 def test_a_failing_vmapped_second_backward_falls_back_on_the_kept_graph(counted, monkeypatch, caplog):
@@ -399,10 +409,10 @@ def test_ggn_and_empirical_fisher_keep_their_work_and_stay_exact(mlp_problem, pe
                     assert close(op.apply_block(block), reference.apply_block(block))
                     v = rand(op.size, seed=20 + step)
                     assert close(op.apply(v), reference.apply(v))
-                assert len(op._kept) == micro_batches(loader)
+                assert len(op._keeper.kept) == micro_batches(loader)
             # The reference ran the model in each of its 6 products; the kept operator only in its first.
             per_pass = counter.calls // 7
-            assert per_pass > 0 and counter.calls == 7 * per_pass and len(op._kept) == 0
+            assert per_pass > 0 and counter.calls == 7 * per_pass and len(op._keeper.kept) == 0
         finally:
             counter.close()
 
@@ -429,7 +439,7 @@ def test_out_of_device_memory_with_kept_work_frees_it_and_goes_on_afresh(counted
         for step in range(3):
             v = rand(op.size, seed=step)
             assert close(op.apply(v), hessian @ v)
-        assert len(op._kept) == 0 and op._kept.full
+        assert len(op._keeper.kept) == 0 and op._keeper.kept.full
     warnings = [r for r in caplog.records if "out of device memory" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert counter.calls > micro_batches(loader)  # computed afresh after giving up
@@ -447,7 +457,7 @@ def test_a_stochastic_operator_over_a_list_keeps_each_batch_graph_and_cycles_exa
             for step in range(7):  # more than two cycles through the three batches
                 v = rand(op.size, seed=step)
                 assert close(op.apply(v), per_batch[step % 3] @ v)
-            assert len(op._kept) == 3
+            assert len(op._keeper.kept) == 3
         assert counter.calls == 3  # each batch ran the model once
     finally:
         counter.close()
@@ -465,7 +475,7 @@ def test_a_stochastic_operator_over_a_dataloader_keeps_nothing():
         for step in range(4):
             v = rand(op.size, seed=step)
             assert close(op.apply(v), per_batch[step % 3] @ v)
-            assert len(op._kept) == 0
+            assert len(op._keeper.kept) == 0
 
 
 class InPlaceOnSaved(nn.Module):
@@ -504,14 +514,14 @@ def test_dropout_with_a_budget_for_part_of_the_pass_keeps_nothing_and_stays_the_
     sizer = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False)
     with sizer.frozen():
         sizer.apply(rand(sizer.size))
-        one_batch = sizer._kept.bytes / 3
+        one_batch = sizer._keeper.kept.bytes / 3
     op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, eval_mode=False,
                      graph_cache_max_bytes=int(1.5 * one_batch))
     with caplog.at_level(logging.INFO, logger="hessian_eigenthings"), op.frozen():
         for step in range(3):
             v = rand(op.size, seed=step)
             assert close(op.apply(v), plain.apply(v))
-        assert len(op._kept) == 0 and op._kept.full
+        assert len(op._keeper.kept) == 0 and op._keeper.kept.full
     assert any("all micro-batches or none" in r.getMessage() for r in caplog.records)
 
 
@@ -540,7 +550,7 @@ def test_a_model_using_torch_func_in_its_forward_pass_works_inside_frozen_and_ke
         for step in range(2):
             v = rand(op.size, seed=step)
             assert close(op.apply(v), plain.apply(v))
-        assert len(op._kept) == 0 and op.cache_graphs is False  # refused once, then not tried again
+        assert len(op._keeper.kept) == 0 and op.cache_graphs is False  # refused once, then not tried again
     result = thick_restart_lanczos(op, 1, tol=1e-6, verbose=False)
     assert result.converged.all()
 
@@ -555,5 +565,5 @@ def test_clear_batch_cache_inside_frozen_drops_the_kept_graphs():
         assert close(op.apply(v), dense_loss_hessian(model, F.cross_entropy, x, y) @ v)
         data[0][0].mul_(0.5)  # new data, announced as the README says
         op.clear_batch_cache()
-        assert len(op._kept) == 0
+        assert len(op._keeper.kept) == 0
         assert close(op.apply(v), dense_loss_hessian(model, F.cross_entropy, 0.5 * x, y) @ v)

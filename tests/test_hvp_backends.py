@@ -426,7 +426,7 @@ def test_stochastic_mode_caches_a_list_and_follows_any_other_dataloader(mlp_prob
     for step in range(5):
         expected = exact[step % 2] @ v
         assert torch.allclose(op.apply(v), expected, rtol=1e-10, atol=1e-13 * expected.abs().max())
-    assert sorted(op._cache) == [0, 1]  # both list entries kept, nothing else
+    assert sorted(op._batches.cache) == [0, 1]  # both list entries kept, nothing else
 
     # A dataloader that gives new batches in its second epoch is followed, not replayed.
     counting = CountingLoader([loader, [loader[1], loader[0]]])
@@ -434,7 +434,7 @@ def test_stochastic_mode_caches_a_list_and_follows_any_other_dataloader(mlp_prob
     for expected_batch in (0, 1, 1, 0):
         expected = exact[expected_batch] @ v
         assert torch.allclose(op.apply(v), expected, rtol=1e-10, atol=1e-13 * expected.abs().max())
-    assert counting.reads == 2 and not op._cache
+    assert counting.reads == 2 and not op._batches.cache
 
 
 # -- precision ---------------------------------------------------------------------------------
@@ -524,7 +524,7 @@ def test_cuda_batches_are_copied_to_the_device_once(mlp_problem):
     v = rand(op.size, seed=18).cuda()
     outs = [op.apply(v) for _ in range(3)]
     assert counting.reads == 1
-    assert all(chunk[1].device.type == "cuda" for chunks in op._cache.values() for chunk in chunks)
+    assert all(chunk[1].device.type == "cuda" for chunks in op._batches.cache.values() for chunk in chunks)
     for out in outs:
         assert torch.allclose(out.cpu(), hessian @ v.cpu(), rtol=1e-10, atol=1e-12 * out.abs().max().item())
 
@@ -540,8 +540,10 @@ def _wide_float32_problem():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_exact_mode_ignores_a_global_tf32_setting_and_tf32_mode_is_close():
     model, data = _wide_float32_problem()
-    reference = HVPOperator(model.double(), [(x.double(), y) for x, y in data], F.cross_entropy, use_gpu=False)
-    model = model.float().cuda()
+    # model.double() converts the module in place, so the reference gets a copy of its own
+    reference = HVPOperator(copy.deepcopy(model).double(), [(x.double(), y) for x, y in data], F.cross_entropy,
+                            use_gpu=False)
+    model = model.cuda()
     v = torch.randn(reference.size, generator=torch.Generator().manual_seed(19))
     expected = reference.apply(v.double())
     user = _precision_state()

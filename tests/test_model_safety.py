@@ -187,15 +187,17 @@ def test_frozen_parameter_chosen_explicitly_is_refused(data):
     assert model[0].weight.requires_grad is False
 
 
-def test_deferred_checks_postpone_the_sync_but_still_name_the_batch(data):
+def test_deferred_checks_postpone_the_sync_but_still_name_the_batch(data, monkeypatch):
+    from hessian_eigenthings.operators import finite
+
     model = small_mlp()
     x, y = data[1]
     bad_x = x.clone()
     bad_x[0, 0] = math.nan
     op = HVPOperator(model, [data[0], (bad_x, y)], F.cross_entropy, use_gpu=False)
     calls = []
-    real = op._raise_if_not_finite
-    op._raise_if_not_finite = lambda checks: (calls.append(len(checks)), real(checks))[1]
+    real = finite.raise_if_not_finite
+    monkeypatch.setattr(finite, "raise_if_not_finite", lambda checks: (calls.append(len(checks)), real(checks))[1])
     v = torch.ones(op.size, dtype=torch.float64)
     with pytest.raises(NonFiniteError, match="batch 1"):
         with op.deferred_checks():
@@ -208,7 +210,7 @@ def test_deferred_checks_postpone_the_sync_but_still_name_the_batch(data):
         good.apply(v)
         good.flush_checks()
         good.apply(v)
-    assert good._deferred is None
+    assert good._checks.pending is None
 
 
 def test_native_solver_reports_a_nan_product():
@@ -232,3 +234,64 @@ def test_inf_in_an_input_is_reported_with_its_batch(data):
     with pytest.raises(NonFiniteError, match=r"product of batch 1 .*inputs may contain NaN/Inf"):
         op.apply(torch.ones(op.size, dtype=torch.float64))
     assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize("option", ["use_gpu", "fp16", "full_dataset", "eval_mode", "check_finite",
+                                    "cache_batches", "cache_graphs", "batched"])
+def test_boolean_options_given_as_strings_are_refused(data, option):
+    from hessian_eigenthings import hessian_trace
+
+    model = small_mlp()
+    with pytest.raises(TypeError, match=option):
+        HVPOperator(model, data, F.cross_entropy, **{option: "False"})
+    with pytest.raises(TypeError, match=option):
+        hessian_trace(model, data, F.cross_entropy, **{option: "no"})
+    assert HVPOperator(model, data, F.cross_entropy, **{"use_gpu": False, option: False}) is not None
+
+
+def test_inside_inference_mode_the_error_names_it_and_the_model_is_untouched(data):
+    model = with_grads(bn_dropout_model()).train()
+    before = model_snapshot(model)
+    op = HVPOperator(model, data, F.cross_entropy, use_gpu=False)
+    v = torch.ones(op.size, dtype=torch.float64)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"inference_mode\(\).*outside"):
+            op.apply(v)
+        with pytest.raises(RuntimeError, match=r"inference_mode\(\)"):
+            compute_hessian_eigenthings(model, data, F.cross_entropy, 2, use_gpu=False, verbose=False)
+    assert_model_unchanged(model, before)
+    assert op.num_products == 0
+
+
+def test_data_made_under_inference_mode_is_used_and_a_model_made_there_is_refused(data):
+    model = small_mlp()
+    x, y = classification_data(num=40)
+    with torch.inference_mode():
+        x_inf, y_inf = x.clone(), y.clone()
+    op = HVPOperator(model, [(x_inf, y_inf)], F.cross_entropy, use_gpu=False)
+    v = torch.randn(op.size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = dense_loss_hessian(model, F.cross_entropy, x, y) @ v
+    assert torch.allclose(op.apply(v), exact, rtol=1e-10, atol=1e-12 * exact.abs().max())
+    with torch.inference_mode():
+        made_there = small_mlp()
+    with pytest.raises(ValueError, match="inference_mode"):
+        HVPOperator(made_there, data, F.cross_entropy, use_gpu=False)
+
+
+def test_a_model_converted_or_given_new_parameters_after_the_operator_is_named(data):
+    import copy
+
+    model = small_mlp()
+    op = HVPOperator(model, data, F.cross_entropy, use_gpu=False)
+    v = torch.ones(op.size, dtype=torch.float64)
+    op.apply(v)
+    model.float()  # in place: the operator's parameters are now float32
+    with pytest.raises(RuntimeError, match=r"float64 parameters on cpu.*'0.weight' is now torch.float32"):
+        op.apply(v)
+    model.double()
+    op.apply(v)  # back as it was: fine again
+    replaced = copy.deepcopy(model)
+    op = HVPOperator(replaced, data, F.cross_entropy, use_gpu=False)
+    replaced[2].weight = nn.Parameter(replaced[2].weight.detach().clone())
+    with pytest.raises(RuntimeError, match="'2.weight' is no longer the tensor"):
+        op.apply(v)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..utils import check_positive_int, logger
+from ..utils import check_positive_int, logger, preserved_global_rng
 
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
@@ -24,15 +24,17 @@ _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 def runs_frozen(fn: _Fn) -> _Fn:
     """Decorate a solver or estimator whose first argument is ``operator``: when it is an
-    :class:`Operator`, the whole call runs inside its :meth:`Operator.frozen` block."""
+    :class:`Operator`, the whole call runs inside its :meth:`Operator.frozen` block; and torch's
+    global random state is as before after the call, also when it raises."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         operator = args[0] if args else kwargs.get("operator")
-        if isinstance(operator, Operator):
-            with operator.frozen():
-                return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
+        with preserved_global_rng():
+            if isinstance(operator, Operator):
+                with operator.frozen():
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -65,7 +67,12 @@ class Operator:
 
     def _matmat(self, mat: Tensor) -> Tensor:
         """Product with a checked block, shape (n, b) -> (n, b). Default: one _matvec per column."""
-        return torch.stack([self._matvec(mat[:, j]) for j in range(mat.shape[1])], dim=1)
+        columns = []
+        for j in range(mat.shape[1]):
+            column = self._matvec(mat[:, j])
+            self._check_output(column, mat[:, j], "_matvec")
+            columns.append(column)
+        return torch.stack(columns, dim=1)
 
     # -- public interface ----------------------------------------------------------------------
     @property
@@ -77,6 +84,7 @@ class Operator:
         """Return ``A @ vec`` for a vector of shape (n,) with the operator's dtype and device."""
         self._check_input(vec, ndim=1)
         out = self._matvec(vec)
+        self._check_output(out, vec, "_matvec")
         self.num_products += 1
         return out
 
@@ -86,6 +94,7 @@ class Operator:
         if mat.shape[1] == 0:
             return mat.clone()
         out = self._matmat(mat)
+        self._check_output(out, mat, "_matmat")
         self.num_products += mat.shape[1]
         return out
 
@@ -167,6 +176,25 @@ class Operator:
                 f"{self.device}; move it with vec.to('{self.device}')."
             )
 
+    def _check_output(self, out: Any, given: Tensor, method: str) -> None:
+        """Raise if a product is not a tensor of the input's shape in the operator's dtype and on its
+        device (what every solver relies on); reads only metadata, so it costs no device sync."""
+        if (
+            isinstance(out, Tensor) and out.shape == given.shape and out.dtype == self.dtype
+            and (out.device == self.device or _same_device(out.device, self.device))
+        ):
+            return
+        got = (
+            f"a {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}" if isinstance(out, Tensor)
+            else f"a {type(out).__name__}"
+        )
+        raise TypeError(
+            f"{type(self).__name__}.{method} returned {got} for an input of shape {tuple(given.shape)}; an "
+            f"operator must return a tensor of the input's shape in its dtype ({self.dtype}) on its device "
+            f"({self.device}). Fix {type(self).__name__}.{method}, or convert its result with "
+            f".to(dtype={self.dtype}, device='{self.device}')."
+        )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
 
@@ -238,36 +266,69 @@ class LambdaOperator(Operator):
 
     ``apply_fn`` receives a (n,) tensor of ``dtype`` on ``device`` and must return one of the same
     shape. If ``apply_block_fn`` is given it is used for blocks, (n, b) -> (n, b).
+
+    ``dtype=None`` (default) finds the dtype from one call of ``apply_fn`` on a zero vector: the
+    floating dtype it returns for a vector of torch's default dtype (float32), or float64 when
+    the function fails on float32 (e.g. ``lambda v: a64 @ v``). That call is not counted in
+    ``num_products``; pass ``dtype`` to skip it.
     """
 
     def __init__(
         self,
         apply_fn: Callable[[Tensor], Tensor],
         size: int,
-        dtype: torch.dtype = torch.float32,
+        dtype: Optional[torch.dtype] = None,
         device: Any = "cpu",
         apply_block_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be a callable v -> A v, got {type(apply_fn).__name__}.")
+        if apply_block_fn is not None and not callable(apply_block_fn):
+            raise TypeError(f"apply_block_fn must be a callable (n, b) -> (n, b), got {type(apply_block_fn).__name__}.")
+        size = check_positive_int(size, "size")
+        if dtype is None:
+            dtype = _probe_dtype(apply_fn, size, torch.device(device))
         super().__init__(size, dtype, device)
         self.apply_fn = apply_fn
         self.apply_block_fn = apply_block_fn
 
     def _matvec(self, vec: Tensor) -> Tensor:
-        return self._check_output(self.apply_fn(vec), (self.size,), "apply_fn")
+        return self._convert_output(self.apply_fn(vec), (self.size,), "apply_fn")
 
     def _matmat(self, mat: Tensor) -> Tensor:
         if self.apply_block_fn is None:
             return super()._matmat(mat)
-        return self._check_output(self.apply_block_fn(mat), tuple(mat.shape), "apply_block_fn")
+        return self._convert_output(self.apply_block_fn(mat), tuple(mat.shape), "apply_block_fn")
 
-    def _check_output(self, out: Any, shape: tuple, fn_name: str) -> Tensor:
+    def _convert_output(self, out: Any, shape: tuple, fn_name: str) -> Tensor:
         if not isinstance(out, Tensor):
             out = torch.as_tensor(out)
         if tuple(out.shape) != shape:
             raise ValueError(f"LambdaOperator's {fn_name} returned shape {tuple(out.shape)}, expected {shape}.")
         return out.to(dtype=self.dtype, device=self.device)
+
+
+def _probe_dtype(apply_fn: Callable[[Tensor], Any], size: int, device: torch.device) -> torch.dtype:
+    """The dtype a LambdaOperator works in: what ``apply_fn`` returns for a zero vector of torch's
+    default dtype, or for float64 where that call fails. The global random state is left as it was."""
+    default = torch.get_default_dtype()
+    candidates = [default] + [d for d in (torch.float64, torch.float32) if d != default]
+    errors = []
+    for dtype in candidates:
+        try:
+            with preserved_global_rng():
+                out = apply_fn(torch.zeros(size, dtype=dtype, device=device))
+        except Exception as exc:  # noqa: BLE001 - the function may only work in another dtype
+            errors.append(f"{dtype}: {type(exc).__name__}: {exc}")
+            continue
+        if isinstance(out, Tensor) and out.dtype.is_floating_point:
+            return out.dtype
+        return dtype
+    raise TypeError(
+        f"LambdaOperator(dtype=None) calls apply_fn once on a zero vector of shape ({size},) on {device} to find "
+        f"the dtype it works in, but every call failed ({'; '.join(errors)}). Pass dtype= (and device=) for "
+        f"the vectors apply_fn takes, or fix apply_fn."
+    )
 
 
 class MatrixOperator(Operator):

@@ -1,18 +1,12 @@
-"""Curvature operators beside the Hessian: the generalized Gauss-Newton and the empirical Fisher.
+"""The generalized Gauss-Newton operator (and, re-exported, the empirical Fisher).
 
 For a loss ``L(theta) = mean_i l(f(x_i; theta), y_i)`` with outputs ``f`` and Jacobian
-``J = df/dtheta``:
-
-* Generalized Gauss-Newton (GGN): ``G = J^T H_out J`` with ``H_out`` the Hessian of the loss
-  w.r.t. the outputs. It is the Hessian with the term ``sum_k (dl/df_k) d^2 f_k / dtheta^2``
-  dropped, so ``G == H`` for a model linear in its parameters, and ``G`` is positive
-  semi-definite whenever the loss is convex in the outputs (MSE, cross-entropy).
-* Empirical Fisher: ``F = mean_i g_i g_i^T`` with ``g_i`` the gradient of sample i's loss; PSD,
-  rank at most the number of samples.
-
-Both are :class:`ModelOperator` subclasses: the data loop, weighting, micro-batching, devices,
-``params=`` blocks and the model-state guarantees are those of :class:`HVPOperator`, and every
-solver and estimator of the package works on them.
+``J = df/dtheta`` (or ``sum_i``, for a criterion that sums over samples: the operator is then the
+curvature of the summed loss, N times that of the mean), the generalized Gauss-Newton matrix is
+``G = J^T H_out J`` with ``H_out`` the Hessian of the loss w.r.t. the outputs. It is the Hessian
+with the term ``sum_k (dl/df_k) d^2 f_k / dtheta^2`` dropped, so ``G == H`` for a model linear in
+its parameters, and ``G`` is positive semi-definite whenever the loss is convex in the outputs
+(MSE, cross-entropy). The empirical Fisher lives in :mod:`.fisher`.
 """
 
 from __future__ import annotations
@@ -21,13 +15,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
 
-from ..data import call_model, num_samples, slice_samples
 from ..utils import logger
+from .fisher import EmpiricalFisherOperator  # noqa: F401  (re-exported: its historical home)
 from .graph_cache import tensor_bytes
-from .model_operator import ModelOperator
-from .precision import autocast_context
+from .model_operator import ModelOperator, Tangents
 
 
 def _float_leaves(out: Any) -> list[Tensor]:
@@ -63,23 +55,22 @@ class GGNOperator(ModelOperator):
 
     Exact: ``G v`` is computed as ``J^T (H_out (J v))`` with a Jacobian-vector product (the
     double-vjp trick, so any autograd model works), a Hessian-vector product of the loss w.r.t.
-    the outputs, and a vector-Jacobian product. ``H_out`` is the Hessian of the batch-*mean* loss,
-    so ``G`` is averaged over samples exactly like the loss Hessian of :class:`HVPOperator`.
+    the outputs, and a vector-Jacobian product. ``H_out`` is the Hessian of the criterion's loss of a
+    batch, so ``G`` is averaged over samples exactly like the loss Hessian of :class:`HVPOperator`
+    (and summed, for a criterion that sums over samples).
 
     Models may return a tensor or a tuple/list/dict of tensors; ``criterion`` receives that
     output as it is, and ``H_out`` couples all of its floating entries. Arguments are those of
     :class:`HVPOperator` (``params=`` restricts ``G`` to a parameter block, which is the
-    corresponding block of the full ``G``). With ``cache_graphs`` (default), inside
-    :meth:`frozen` the forward pass and the graphs of dl/df and J^T u are kept per micro-batch,
+    corresponding block of the full ``G``). A micro-batch's work is its forward pass and the
+    graphs of dl/df and J^T u; with ``cache_graphs`` (default) it is kept inside :meth:`frozen`,
     so later products are three backward passes through them.
     """
 
-    def _graphs(self, inputs: Any, targets: Any, label: str) -> _GGNGraph:
+    def build(self, inputs: Any, targets: Any, label: str) -> _GGNGraph:
         """The forward pass of one micro-batch and the two first-order graphs of its products."""
-        with autocast_context(self.precision, self.device):
-            outputs = call_model(self._work_model, inputs)
-            loss = self.criterion(outputs, targets)
-        self._check_loss(loss, label)
+        outputs = self._forward(inputs)
+        loss = self._batch_loss(outputs, targets, label, inputs)
         leaves = [t for t in _float_leaves(outputs) if t.requires_grad]
         if not leaves:
             return _GGNGraph(loss, [], (), [], [], (), [])
@@ -95,36 +86,30 @@ class GGNOperator(ModelOperator):
         live = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
         return _GGNGraph(loss, leaves, loss_grads, curved, dummies, jt_u, live)
 
-    def _chunk_products(
-        self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
-    ) -> tuple[Tensor, Tensor]:
-        """Mean loss of one micro-batch and its GGN times every column, shape (n, b)."""
-        if self._reusing:  # inside frozen(): the graphs are built once and kept (see cache_graphs)
-            graph, _ = self._kept_or_built(
-                lambda: self._graphs(inputs, targets, label),
-                lambda g: tensor_bytes([*g.leaves, *g.loss_grads, *g.dummies, *g.jt_u]),
-                inputs, targets,
-            )
-        else:
-            graph = self._graphs(inputs, targets, label)
-        loss, leaves, loss_grads, curved, dummies, jt_u, live = graph
-        out = torch.zeros(self.size, len(columns), dtype=self.dtype, device=self.device)
+    def work_bytes(self, graph: _GGNGraph) -> int:
+        return tensor_bytes([*graph.leaves, *graph.loss_grads, *graph.dummies, *graph.jt_u])
+
+    def product(self, graph: _GGNGraph, tangents: Tangents, keep: bool) -> Tensor:
+        """``G_b V = J^T (H_out (J V))`` of one micro-batch, (n, b); the graphs are always retained
+        (they serve three backward passes per vector)."""
+        _, leaves, loss_grads, curved, dummies, jt_u, live = graph
+        out = torch.zeros(self.size, tangents.width, dtype=self.dtype, device=self.device)
         if not curved or not live:
-            return loss, out
+            return out
         if self._batched is not False:
             try:
-                self._batched_products(leaves, loss_grads, curved, dummies, jt_u, live, columns, out)
+                self._batched_products(leaves, loss_grads, curved, dummies, jt_u, live, tangents.columns, out)
                 self._batched = True
-                return loss, out
+                return out
             except RuntimeError as exc:
                 if self._batched:  # it worked before, so this is a real error
                     raise
                 logger.info("GGNOperator: batched products are not supported by this model (%s); "
                             "using one product at a time.", exc)
                 self._batched = False
-        for j, pieces in enumerate(columns):
+        for j, pieces in enumerate(tangents.columns):
             self._column_product(leaves, loss_grads, curved, dummies, jt_u, live, pieces, out[:, j])
-        return loss, out
+        return out
 
     # None: not tried yet; True/False: whether vmapped backward passes work for this model.
     _batched = None
@@ -170,110 +155,3 @@ class GGNOperator(ModelOperator):
                 out[offsets[i] : offsets[i + 1], :] = g.reshape(b, -1).T.to(self.dtype)
 
 
-PER_SAMPLE_MODES = ("auto", "vmap", "loop")
-
-
-class EmpiricalFisherOperator(ModelOperator):
-    """The empirical Fisher ``mean_i g_i g_i^T``, ``g_i`` the gradient of sample i's loss.
-
-    Sample i's loss is ``criterion`` evaluated on that sample alone (a batch of one), which for a
-    mean-reduced loss makes the batch loss the mean of the sample losses. A micro-batch of B
-    samples costs its B per-sample gradients (memory B * n) and two matrix products per block.
-
-    Args:
-        per_sample: how per-sample gradients are computed: "vmap" (``torch.func``, one
-            vectorised pass), "loop" (one backward pass per sample; works for every model), or
-            "auto" (default: vmap, falling back to the loop, with a log message, for models that
-            ``torch.func`` cannot vectorise).
-        Other arguments: as for :class:`HVPOperator`. With ``cache_graphs`` (default), inside
-            :meth:`frozen` each micro-batch's per-sample gradients are kept (B * n numbers,
-            within ``graph_cache_max_bytes``), so later products are two matrix products.
-    """
-
-    def __init__(self, *args: Any, per_sample: str = "auto", **kwargs: Any) -> None:
-        if per_sample not in PER_SAMPLE_MODES:
-            raise ValueError(f"per_sample={per_sample!r} is not known; use one of {', '.join(map(repr, PER_SAMPLE_MODES))}.")
-        super().__init__(*args, **kwargs)
-        self.per_sample = per_sample
-
-    def _chunk_products(
-        self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
-    ) -> tuple[Tensor, Tensor]:
-        """Mean loss of one micro-batch and ``(1/B) G^T (G V)`` for its (B, n) per-sample gradients G."""
-        count = num_samples(inputs, targets, 0)
-        if self._reusing:  # inside frozen(): per-sample gradients computed once and kept
-            (grads, losses), _ = self._kept_or_built(
-                lambda: self._per_sample_gradients(inputs, targets, count, label),
-                lambda work: tensor_bytes(work), inputs, targets,
-                count_saved=False,  # nothing is saved for backward; torch.func refuses the hooks
-            )
-        else:
-            grads, losses = self._per_sample_gradients(inputs, targets, count, label)
-        loss = losses.mean()
-        block = torch.stack([torch.cat([p.reshape(-1) for p in pieces]) for pieces in columns], dim=1)
-        out = grads.T @ (grads @ block.to(grads.dtype)) / count
-        return loss, out.to(self.dtype)
-
-    def _per_sample_gradients(self, inputs: Any, targets: Any, count: int, label: str) -> tuple[Tensor, Tensor]:
-        """The (B, n) per-sample gradients of one micro-batch and the B sample losses."""
-        grads, losses = None, None
-        if self.per_sample in ("auto", "vmap"):
-            try:
-                grads, losses = self._per_sample_vmap(inputs, targets)
-            except Exception as exc:  # noqa: BLE001 - any torch.func limitation means: use the loop
-                if self.per_sample == "vmap":
-                    raise
-                logger.info("EmpiricalFisherOperator: torch.func cannot vectorise this model (%s); "
-                            "using one backward pass per sample.", exc)
-                self.per_sample = "loop"
-        if grads is None:
-            grads, losses = self._per_sample_loop(inputs, targets, count, label)
-        return grads, losses
-
-    def _per_sample_loop(self, inputs: Any, targets: Any, count: int, label: str) -> tuple[Tensor, Tensor]:
-        grads = torch.zeros(count, self.size, dtype=self.dtype, device=self.device)
-        losses = []
-        offsets = self._offsets
-        for i in range(count):
-            loss = self._loss(slice_samples(inputs, i, i + 1), slice_samples(targets, i, i + 1), f"{label} sample {i}")
-            pieces = torch.autograd.grad(loss, self._params, allow_unused=True)
-            for k, g in enumerate(pieces):
-                if g is not None:
-                    grads[i, offsets[k] : offsets[k + 1]] = g.reshape(-1)
-            losses.append(loss.detach())
-        return grads, torch.stack(losses)
-
-    def _per_sample_vmap(self, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
-        model, criterion = self._work_model, self.criterion
-        chosen = {name: p.detach() for name, p in zip(self.param_names, self._params)}
-
-        def one_loss(weights: dict, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-            x1, y1 = _add_batch_dim(x), _add_batch_dim(y)
-            if isinstance(x1, (tuple, list)):
-                outputs = functional_call(model, weights, tuple(x1))
-            elif isinstance(x1, dict):
-                outputs = functional_call(model, weights, (), x1)
-            else:
-                outputs = functional_call(model, weights, (x1,))
-            loss = criterion(outputs, y1)
-            return loss, loss.detach()
-
-        randomness = "error" if self.eval_mode else "different"
-        with autocast_context(self.precision, self.device):
-            per_grads, losses = vmap(grad(one_loss, has_aux=True), in_dims=(None, 0, 0), randomness=randomness)(
-                chosen, inputs, targets
-            )
-        flat = torch.cat([per_grads[name].reshape(losses.shape[0], -1) for name in self.param_names], dim=1)
-        return flat.to(self.dtype), losses
-
-
-def _add_batch_dim(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.unsqueeze(0)
-    if isinstance(obj, tuple):
-        return tuple(_add_batch_dim(item) for item in obj)
-    if isinstance(obj, list):
-        return [_add_batch_dim(item) for item in obj]
-    if isinstance(obj, dict):
-        return {key: _add_batch_dim(item) for key, item in obj.items()}
-    return obj

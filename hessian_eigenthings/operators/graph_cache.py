@@ -15,10 +15,12 @@ they are kept only within a memory budget, measured while they are built.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..utils import logger
 
 # Budget of kept graphs on a CPU, and as a share of the free memory of a GPU.
 DEFAULT_CPU_GRAPH_BYTES = 2 * 2**30
@@ -158,3 +160,108 @@ class KeptGraphs:
         self.bytes = 0
         self.full = False
         self.key = None
+
+
+class WorkKeeper:
+    """Keeps the work a model operator builds per micro-batch inside :meth:`Operator.frozen`, within
+    a memory budget, and builds it afresh where it cannot be kept.
+
+    Args:
+        owner: the operator's name, for log messages.
+        device: where the work lives (its default budget depends on it).
+        budget: bytes the kept work may take (None: :func:`default_graph_budget`, read when the
+            first work of a frozen block is kept).
+    """
+
+    def __init__(self, owner: str, device: torch.device, budget: Optional[int]) -> None:
+        self.owner = owner
+        self.device = device
+        self.budget = budget
+        self.kept = KeptGraphs()
+        self._budget: Optional[int] = None
+        self.refused = False  # the model refuses the hooks that measure kept work: keep nothing, ever
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def start(self, key: tuple) -> None:
+        """A product that keeps work for the model state ``key`` begins: work kept for another state goes."""
+        if self.kept.key != key:
+            if len(self.kept):
+                logger.info("%s: the model changed inside frozen(); rebuilding the kept graphs.", self.owner)
+            self.kept.clear()
+            self.kept.key = key
+
+    def get_or_build(
+        self,
+        position: tuple[int, int],
+        build: Callable[[], Any],
+        outputs_bytes: Callable[[Any], int],
+        held: Sequence[Tensor],
+        measure_saved: bool,
+        all_or_nothing: bool,
+        rewind: Callable[[], None],
+    ) -> tuple[Any, bool]:
+        """The kept work of the micro-batch at ``position``, or ``build()`` it and keep it if it fits.
+        Returns (work, whether it is kept).
+
+        Its size is what autograd saved while building it (``measure_saved``; tensors sharing
+        storage with ``held``, the parameters and inputs, excepted) plus ``outputs_bytes(work)``.
+        ``all_or_nothing`` (random layers: kept micro-batches draw no more masks, so the others
+        would draw other ones) keeps nothing once one micro-batch does not fit. ``rewind`` puts
+        the random state back to where ``build`` started, for a second attempt.
+        """
+        work = self.kept.get(position)
+        if work is not None:
+            return work, True
+        if self.kept.full:
+            return build(), False
+        if self._budget is None:
+            self._budget = self.budget or default_graph_budget(self.device)
+        try:
+            if measure_saved:
+                with counting_saved_bytes(held) as saved:
+                    work = build()
+                size = saved.total
+            else:
+                work, size = build(), 0
+        except SavedTensorHooksRefused as exc:
+            logger.info("%s: the model runs torch.func transforms, which refuse the hooks that measure the "
+                        "memory of kept graphs (%s); nothing is kept for it.", self.owner, exc)
+            self.refused = True
+            self.kept.give_up()
+            rewind()  # the failed attempt may have drawn dropout masks
+            return build(), False
+        except torch.cuda.OutOfMemoryError:
+            if not len(self.kept):
+                raise  # nothing kept to free: this micro-batch alone does not fit
+            self.give_up_out_of_memory()
+            rewind()
+            return build(), False
+        kept = self.kept.add(position, work, size + outputs_bytes(work), self._budget)
+        if not kept and all_or_nothing:
+            self.kept.give_up()
+            logger.info("%s: the kept work does not fit graph_cache_max_bytes=%d bytes, and with "
+                        "eval_mode=False it is kept for all micro-batches or none; keeping none.",
+                        self.owner, self._budget)
+        elif not kept:
+            logger.info(
+                "%s: the kept work of %d micro-batch(es) fills graph_cache_max_bytes=%d bytes; the others are "
+                "computed afresh in every product (raise graph_cache_max_bytes to keep more).",
+                self.owner, len(self.kept), self._budget,
+            )
+        return work, kept
+
+    def give_up_out_of_memory(self) -> None:
+        """Out of device memory with work kept: free it, and compute afresh for the rest of the block."""
+        logger.warning(
+            "%s: out of device memory with %d micro-batch(es) of kept work (%d bytes); freeing them and "
+            "computing every product afresh for the rest of this frozen() block. Lower "
+            "graph_cache_max_bytes to keep less.", self.owner, len(self.kept), self.kept.bytes,
+        )
+        self.kept.give_up()
+
+    def release(self) -> None:
+        """Free everything kept (the outermost frozen() block ended, or the data changed)."""
+        self.kept.clear()
+        self._budget = None

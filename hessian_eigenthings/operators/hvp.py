@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from ..utils import logger
-from .hvp_backends import BACKENDS, double_backward, first_order_graph, forward_over_reverse, second_backward
 from .graph_cache import tensor_bytes
-from .model_operator import ModelOperator, NonFiniteError, rng_rewinder  # noqa: F401  (NonFiniteError re-exported)
+from .hvp_backends import BACKENDS, FirstOrderGraph, first_order_graph, forward_over_reverse, second_backward
+from .model_operator import ModelOperator, NonFiniteError, Tangents, rng_rewinder  # noqa: F401  (re-exported)
+from .options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES
 
 # A way to compute a block product: (backend name, all b vectors in one pass?).
 Plan = tuple[str, bool]
@@ -23,26 +24,46 @@ _TRIALS_PER_PLAN = 2
 class HVPOperator(ModelOperator):
     """The Hessian of ``criterion(model(inputs), targets)`` w.r.t. the model's parameters, as an operator.
 
+    For the loss ``L(theta) = (1/N) sum_b B_b L_b(theta)`` over batches b of ``B_b`` samples (or
+    ``sum_b L_b`` for a criterion that sums over samples), ``H = d^2 L / dtheta^2``. A
+    micro-batch's product is computed exactly, by double backpropagation:
+    ``H_b v = d/dtheta (grad L_b(theta) . v)``, the gradient taken once with its graph (the work
+    kept between products inside :meth:`frozen`) and differentiated again along each ``v``; or
+    as the forward-mode derivative of the gradient, ``jvp(grad L_b, theta, v)`` (see ``backend``).
+
     ``apply(v)`` returns ``H v`` for a flat vector ``v`` of shape (n,), laid out as the chosen
     parameters in ``model.parameters()`` order (see ``param_names`` / ``unflatten``);
     ``apply_block(V)`` returns ``H V`` for a block of shape (n, b), computing all b columns from
     one forward and first backward pass per micro-batch.
 
+    Every product leaves torch's global random state as it was (the dataloader's shuffling
+    continues from product to product on a stream of the operator's own), so a model or a loss
+    that draws random numbers draws the same ones in every product.
+
     Args:
         model: the network. It is never changed: parameters, buffers, ``.grad``,
-            ``requires_grad`` and train/eval mode are as before every call, also on error.
-        dataloader: iterable of ``(inputs, targets)`` batches (a torch DataLoader, a list, ...).
-        criterion: ``criterion(outputs, targets)`` returning the *mean* loss over the batch (a
-            scalar tensor), e.g. ``torch.nn.functional.cross_entropy``.
+            ``requires_grad`` and train/eval mode are as before every call, also on error. Build a
+            new operator after converting it (``model.double()``, ``model.cuda()``): a product of
+            an operator whose model changed dtype or device, or got new parameter tensors, says so.
+        dataloader: iterable of ``(inputs, targets)`` batches (a torch DataLoader, a list, ...), or
+            one ``(inputs, targets)`` pair whose targets are a tensor (used as a single batch).
+            Inputs and targets may be tensors or nested tuples/lists/mappings of tensors.
+        criterion: ``criterion(outputs, targets)`` returning the loss of the batch as a scalar
+            tensor: the mean over its samples (e.g. ``torch.nn.functional.cross_entropy``), or
+            their sum (a loss module with ``reduction="sum"``, or a function found to sum; see
+            ``reduction``).
         use_gpu: compute on CUDA when the model is on the CPU and a GPU is available (on a copy of
             the model, synced from the original before every product). A model already on a GPU is
             used where it is.
         fp16: the old spelling of ``precision="fp16"``.
         full_dataset: True: ``H`` is the Hessian of the mean loss over every sample of the
             dataloader, batches weighted by their number of samples (exact for a short last
-            batch). False: each product uses the next mini-batch (a stochastic operator).
-        max_possible_gpu_samples: batches larger than this are split into micro-batches whose
-            products are combined exactly; bounds memory.
+            batch), or of the summed loss for a summing criterion. False: each product uses the
+            next mini-batch (a stochastic operator).
+        max_possible_gpu_samples: batches of more rows (the first dimension all their tensors
+            share) are split into micro-batches of at most this many rows, whose products are
+            combined exactly; bounds memory. A batch whose tensors share no first dimension (see
+            ``batch_size_fn``) cannot be split exactly and is refused if it holds more samples.
         params: which parameters: None for all with ``requires_grad=True``, or names / name
             prefixes / tensors of the model (see :func:`select_parameters`).
         eval_mode: True (default) evaluates the model in eval mode, so BatchNorm uses its running
@@ -92,6 +113,22 @@ class HVPOperator(ModelOperator):
             Micro-batches beyond it are computed afresh in every product. Default: 2 GiB on a
             CPU, 40% of the free memory of a GPU (read when the first graph is built in a
             ``frozen()`` block).
+        reduction: how ``criterion`` combines the samples of a batch: ``"mean"`` (``H`` is the
+            Hessian of the mean loss over all samples), ``"sum"`` (of the summed loss), or None
+            (default): a loss module's own ``reduction`` (also that of a ``functools.partial``),
+            and for a plain function found from the first product's data, by comparing the loss
+            of a set of samples with the losses of its parts (read off the product's own outputs;
+            a forward pass without gradients, in eval mode, once, where those come from
+            ``torch.func`` transforms). A loss that is neither (a weighted mean, a mean over the
+            non-ignored targets) gets a warning, and ``H`` is then the Hessian of the batch
+            losses' mean weighted by their numbers of samples.
+        batch_size_fn: ``batch_size_fn(inputs, targets) -> int``, the number of samples of a batch
+            (or micro-batch), which weighs it in the mean. Default: the first dimension all its
+            tensors share. Needed where they share none, e.g. a language model with inputs (B, T)
+            and targets flattened to (B*T,) (``lambda x, y: x.shape[0]``); also a way to weigh
+            batches by what the loss averages over (``lambda x, y: int((y != -100).sum())`` for a
+            loss that ignores padding). It must count any set of rows, so that micro-batches
+            weigh what their batch does (checked).
         precision: ``"exact"`` (default: the parameters' dtype, TF32 off during products, the
             user's global setting restored after), ``"tf32"`` (CUDA only), ``"bf16"`` or ``"fp16"``
             (autocast). Results and their sum over batches stay in the parameters' dtype; see
@@ -112,7 +149,7 @@ class HVPOperator(ModelOperator):
         use_gpu: bool = True,
         fp16: bool = False,
         full_dataset: bool = True,
-        max_possible_gpu_samples: int = 256,
+        max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
         *,
         backend: str = "auto",
         batched: Optional[bool] = None,
@@ -123,7 +160,10 @@ class HVPOperator(ModelOperator):
                 f"backend={backend!r} is not known; use 'auto', 'double_backward' or 'forward_over_reverse'."
             )
         if batched is not None and not isinstance(batched, bool):
-            raise TypeError(f"batched must be True, False or None (decide by timing), got {batched!r}.")
+            raise TypeError(
+                f"batched must be True, False or None (decide by timing), got {batched!r} of type "
+                f"{type(batched).__name__}."
+            )
         super().__init__(
             model, dataloader, criterion, use_gpu, fp16, full_dataset, max_possible_gpu_samples, **kwargs
         )
@@ -136,12 +176,66 @@ class HVPOperator(ModelOperator):
         # (width, reusing kept graphs?) -> (plan, seconds) per timed product
         self._trials: dict[tuple[int, bool], list[tuple[Plan, float]]] = {}
         self._plan: Plan = _SAFE  # the plan of the product in progress
-        self._tangents: Optional[tuple[list, list[Tensor]]] = None
+
+    # -- one micro-batch -----------------------------------------------------------------------
+    def build(self, inputs: Any, targets: Any, label: str) -> Any:
+        """The forward pass and the gradient with its graph; for forward-over-reverse, which does
+        both together with the product, only what the product needs."""
+        if self._plan[0] == "double_backward":
+            return first_order_graph(lambda: self._loss(inputs, targets, label), self._params)
+        return _Pending(inputs, targets, label, rng_rewinder(self.device))
+
+    def work_bytes(self, work: Any) -> int:
+        # The gradients are outputs, not saved tensors: n numbers per micro-batch.
+        return tensor_bytes(work.grads)
+
+    def product(self, work: Any, tangents: Tangents, keep: bool) -> Tensor:
+        """``H_b V`` of one micro-batch, (n, b)."""
+        if isinstance(work, _Pending):
+            return self._forward_over_reverse(work, tangents)
+        return self._second_backward(work, tangents, keep)
+
+    def _second_backward(self, graph: FirstOrderGraph, tangents: Tangents, keep: bool) -> Tensor:
+        if self._plan[1]:
+            try:  # the graph is retained, so that a failed vmapped pass can be redone one vector at a time
+                return second_backward(graph, self._params, tangents.per_parameter, True, keep=True).T
+            except (RuntimeError, NotImplementedError) as exc:
+                self._fall_back(exc, tangents.width)
+        return second_backward(graph, self._params, tangents.per_parameter, False, keep=keep).T
+
+    def _forward_over_reverse(self, pending: "_Pending", tangents: Tangents) -> Tensor:
+        def loss_of(theta: dict[str, Tensor]) -> Tensor:
+            return self._loss(pending.inputs, pending.targets, pending.label, parameters=theta)
+
+        try:
+            pending.loss, rows = forward_over_reverse(
+                loss_of, self.param_names, self._params, tangents.per_parameter, self._plan[1], pending.rewind)
+            return rows.T
+        except (RuntimeError, NotImplementedError) as exc:
+            self._fall_back(exc, tangents.width)
+        # Outside the except block, so that the failed attempt's tensors (held by the traceback)
+        # are freed before the retry.
+        pending.rewind()  # the same dropout masks as the failed attempt
+        graph = first_order_graph(lambda: self._loss(pending.inputs, pending.targets, pending.label), self._params)
+        pending.loss = graph.loss
+        return second_backward(graph, self._params, tangents.per_parameter, False, keep=False).T
+
+    def _fall_back(self, exc: BaseException, b: int) -> None:
+        """After the plan in progress failed with ``exc``: remember why, and compute the rest of this
+        product with the safe plan (double backward, one vector at a time); re-raise if that was it."""
+        if self._plan == _SAFE:
+            raise exc
+        self._mark_unsupported(self._plan, exc, b)
+        self._plan = _SAFE
+
+    def _keeps_work(self) -> bool:
+        # Only double backward has a first-order graph to keep.
+        return self.backend != "forward_over_reverse"
 
     # -- choosing a backend ----------------------------------------------------------------------
     def _candidates(self, b: int) -> list[Plan]:
         """The plans worth trying for blocks of width b, the safe one first where it is allowed."""
-        if self._reusing:
+        if self.keeping_work:
             # Only double backward can reuse a first-order graph; what is left to choose is
             # whether the second backward pass takes the b vectors one by one or vmapped.
             widths = [False] if b == 1 else ([False, True] if self.batched is None else [self.batched])
@@ -149,7 +243,7 @@ class HVPOperator(ModelOperator):
         elif self.backend == "auto":
             if b == 1:
                 # One vector: double backward was faster than forward-over-reverse on every model
-                # measured (see benchmarks/hvp_backends.py and the issue's GPU numbers).
+                # measured (see benchmarks/hvp_backends.py).
                 plans = [_SAFE]
             elif self.batched is None:
                 plans = [_SAFE, ("double_backward", True), ("forward_over_reverse", True)]
@@ -171,7 +265,7 @@ class HVPOperator(ModelOperator):
         smaller of its two, which discounts one-time warm-up and a disturbed measurement on a
         busy machine. Then the fastest is kept for every later product of that width.
         """
-        choices = self.kept_graph_plan if self._reusing else self.backend_used
+        choices = self.kept_graph_plan if self.keeping_work else self.backend_used
         chosen = choices.get(b)
         if chosen is not None and chosen in self._candidates(b):
             return chosen, False
@@ -181,7 +275,7 @@ class HVPOperator(ModelOperator):
             return candidates[0], False
         best: dict[Plan, float] = {}
         counts: dict[Plan, int] = {}
-        for plan, seconds in self._trials.get((b, self._reusing), []):
+        for plan, seconds in self._trials.get((b, self.keeping_work), []):
             if plan in candidates:
                 best[plan] = min(seconds, best.get(plan, seconds))
                 counts[plan] = counts.get(plan, 0) + 1
@@ -192,87 +286,23 @@ class HVPOperator(ModelOperator):
         winner = min(best, key=best.__getitem__)
         choices[b] = winner
         logger.info("HVPOperator: blocks of %d vectors%s: %s per product; using %s.", b,
-                    " (reusing kept graphs)" if self._reusing else "",
+                    " (reusing kept graphs)" if self.keeping_work else "",
                     ", ".join(f"{_describe(p)} {t * 1e3:.1f} ms" for p, t in best.items()), _describe(winner))
         return winner, False
 
     def _product(self, mat: Tensor) -> Tensor:
         b = mat.shape[1]
         self._plan, timed = self._next_plan(b)
-        planned, reusing = self._plan, self._reusing
-        try:
-            if not timed:
-                return super()._product(mat)
-            self._sync()
-            start = time.perf_counter()
-            out = super()._product(mat)
-            self._sync()
-            if self._plan == planned:  # a trial that fell back measured something else
-                self._trials.setdefault((b, reusing), []).append((planned, time.perf_counter() - start))
-            return out
-        finally:
-            self._tangents = None
-
-    def _keeps_work(self) -> bool:
-        # Only double backward has a first-order graph to keep.
-        return self.backend != "forward_over_reverse"
-
-    def _kept_graph_products(self, inputs: Any, targets: Any, tangents: list[Tensor], label: str) -> tuple[Tensor, Tensor]:
-        """(loss, (b, n) rows) of one micro-batch from its kept first-order graph, building and
-        keeping it first if it fits the budget."""
-        graph, kept = self._kept_or_built(
-            lambda: first_order_graph(lambda: self._loss(inputs, targets, label), self._params),
-            # The gradients are outputs, not saved tensors: n numbers per micro-batch.
-            lambda g: tensor_bytes(g.grads),
-            inputs, targets,
-        )
-        return graph.loss, second_backward(graph, self._params, tangents, self._plan[1], keep=kept)
-
-    def _stacked(self, columns: list[list[Tensor]]) -> list[Tensor]:
-        """The block's columns as one (b, *p.shape) tensor per parameter (built once per product)."""
-        if self._tangents is None or self._tangents[0] is not columns:
-            stacked = [torch.stack([col[i] for col in columns]) for i in range(len(self._params))]
-            self._tangents = (columns, stacked)
-        return self._tangents[1]
-
-    def _chunk_products(
-        self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
-    ) -> tuple[Tensor, Tensor]:
-        """Mean loss of one micro-batch and its Hessian times every column, shape (n, b)."""
-        tangents = self._stacked(columns)
-        rewind = rng_rewinder(self.device)
-        try:
-            loss, rows = self._run(self._plan, inputs, targets, tangents, label, rewind)
-            return loss, rows.T
-        except (RuntimeError, NotImplementedError) as exc:
-            if self._plan == _SAFE:
-                raise
-            self._mark_unsupported(self._plan, exc, len(columns))
-            self._plan = _SAFE  # for the rest of this product too
-        # Outside the except block, so that the failed attempt's tensors (held by the traceback)
-        # are freed before the retry.
-        rewind()
-        loss, rows = self._run(_SAFE, inputs, targets, tangents, label, rewind)
-        return loss, rows.T
-
-    def _run(self, plan: Plan, inputs: Any, targets: Any, tangents: list[Tensor], label: str,
-             rewind: Callable[[], None]) -> tuple[Tensor, Tensor]:
-        backend, batched = plan
-        if self._reusing:  # a kept graph survives a failed second backward (it is retained)
-            try:
-                return self._kept_graph_products(inputs, targets, tangents, label)
-            except torch.cuda.OutOfMemoryError:
-                if batched or not len(self._kept):
-                    raise  # a batched plan narrows first (see _mark_unsupported); else nothing to free
-                self._drop_kept_work()
-                rewind()  # a graph built in the failed attempt drew dropout masks
-                return self._kept_graph_products(inputs, targets, tangents, label)
-        if backend == "double_backward":
-            return double_backward(lambda: self._loss(inputs, targets, label), self._params, tangents, batched)
-        return forward_over_reverse(
-            lambda theta: self._loss(inputs, targets, label, parameters=theta),
-            self.param_names, self._params, tangents, batched, rewind,
-        )
+        planned, keeping = self._plan, self.keeping_work
+        if not timed:
+            return super()._product(mat)
+        self._sync()
+        start = time.perf_counter()
+        out = super()._product(mat)
+        self._sync()
+        if self._plan == planned:  # a trial that fell back measured something else
+            self._trials.setdefault((b, keeping), []).append((planned, time.perf_counter() - start))
+        return out
 
     def _mark_unsupported(self, plan: Plan, exc: BaseException, b: int) -> None:
         """Remember that a plan fails on this model (or, out of memory, for this width) and say so once."""
@@ -295,6 +325,15 @@ class HVPOperator(ModelOperator):
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class _Pending:
+    """The work of a micro-batch for forward-over-reverse, which computes the forward pass together
+    with the product: its data, and the random state to redo it from; its loss once computed."""
+
+    def __init__(self, inputs: Any, targets: Any, label: str, rewind: Callable[[], None]) -> None:
+        self.inputs, self.targets, self.label, self.rewind = inputs, targets, label, rewind
+        self.loss: Optional[Tensor] = None
 
 
 def _describe(plan: Plan) -> str:

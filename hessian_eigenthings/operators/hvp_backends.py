@@ -1,15 +1,17 @@
 """The ways to compute one micro-batch's Hessian times a block of b vectors.
 
 Every backend takes the b vectors as ``tangents``: one tensor of shape (b, *p.shape) per
-parameter p, and returns ``(loss, rows)`` with ``rows`` of shape (b, n): row j is ``H v_j`` laid out
-like the flat parameter vector. All of them are exact (they differ only in rounding):
+parameter p, and returns rows of shape (b, n): row j is ``H v_j`` laid out like the flat
+parameter vector. All of them are exact (they differ only in rounding):
 
-* ``double_backward``: ``g = dL/dθ`` with a graph, then ``H v = d(g·v)/dθ`` by a second backward
-  pass. One vector at a time (the first-order graph is reused), or all b at once through
-  ``torch.autograd.grad(..., is_grads_batched=True)``, which vmaps the second backward.
-* ``forward_over_reverse``: ``H v = jvp(grad(L), θ, v)`` with ``torch.func``, the loss evaluated
-  through ``functional_call``. All b at once is ``vmap`` over the tangents, which shares the
-  forward and first backward pass between the b vectors.
+* double backward: ``g = dL/dθ`` with a graph (:func:`first_order_graph`), then ``H v = d(g·v)/dθ``
+  by a second backward pass (:func:`second_backward`). One vector at a time (the first-order
+  graph is reused), or all b at once through ``torch.autograd.grad(..., is_grads_batched=True)``,
+  which vmaps the second backward.
+* forward over reverse: ``H v = jvp(grad(L), θ, v)`` with ``torch.func``, the loss evaluated
+  through ``functional_call`` (:func:`forward_over_reverse`, which returns the loss too). All b
+  at once is ``vmap`` over the tangents, which shares the forward and first backward pass
+  between the b vectors.
 """
 
 from __future__ import annotations
@@ -99,27 +101,6 @@ def second_backward(
             if h is not None:
                 rows[j, offsets[i] : offsets[i + 1]] = h.reshape(-1)
     return rows
-
-
-def double_backward(
-    loss_fn: Callable[[], Tensor],
-    params: Sequence[Tensor],
-    tangents: Sequence[Tensor],
-    batched: bool,
-) -> tuple[Tensor, Tensor]:
-    """Hessian times b vectors by double backpropagation.
-
-    Args:
-        loss_fn: computes the (checked, scalar) loss with an autograd graph to ``params``.
-        params: the parameters, leaf tensors with ``requires_grad=True``.
-        tangents: per parameter, the b vectors' pieces, shape (b, *p.shape).
-        batched: all b vectors in one vmapped second backward (True) or one by one (False).
-
-    Returns:
-        (loss, rows): the loss and the (b, n) products.
-    """
-    graph = first_order_graph(loss_fn, params)
-    return graph.loss, second_backward(graph, params, tangents, batched, keep=False)
 
 
 def forward_over_reverse(

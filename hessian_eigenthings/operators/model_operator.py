@@ -1,66 +1,93 @@
-"""The machinery shared by operators built from a model, a loss and a dataloader.
+"""The machinery shared by curvature operators of a model, a loss and a dataloader.
 
-A ModelOperator owns the data loop (full dataset or one mini-batch per product, micro-batching,
-weighting by sample counts), the device choice, the model-state guarantees and the NaN/Inf checks.
-A subclass says only what one micro-batch contributes: ``_chunk_products``.
+A curvature operator says only what one micro-batch contributes, in two steps:
+
+* ``build(inputs, targets, label) -> work``: everything that does not depend on the vectors, such
+  as the forward pass and first-order graphs; ``work.loss`` is the micro-batch's loss.
+* ``product(work, tangents, keep) -> (n, b)``: the micro-batch's curvature times the b vectors.
+
+:class:`ModelOperator` does everything else: the data loop (:mod:`.batches`), combining the
+micro-batches as the criterion's reduction says (:mod:`.reduction`), keeping each micro-batch's
+work between products inside :meth:`~ModelOperator.frozen` (:mod:`.graph_cache`), the compute
+device and its copy of the model, the guarantees about the model and the random state, the
+NaN/Inf checks (:mod:`.finite`) and the all-reduce under torch.distributed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-from typing import Any, Callable, Iterator, Mapping, Optional
+import functools
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch, tensors_in
-from ..model_utils import (
-    ParamSpec,
-    common_device,
-    common_dtype,
-    preserved_model_state,
-    select_parameters,
-    unflatten,
-)
-from ..utils import check_positive_int, logger, resolve_device
+from ..data import BatchSizeFn, as_batches, call_model, check_reiterable, map_tensors, tensors_in
+from ..model_utils import ParamSpec, common_device, common_dtype, preserved_model_state, select_parameters, unflatten
+from ..utils import check_bool, check_positive_int, preserved_global_rng, resolve_device, user_stacklevel
 from .base import Operator
-from .graph_cache import (
-    KeptGraphs,
-    SavedTensorHooksRefused,
-    counting_saved_bytes,
-    default_graph_budget,
-    model_state_key,
-)
-from .kernels import math_attention, rnn_without_cudnn
-from .precision import autocast_context, fp32_math, resolve_precision
-
-
-class NonFiniteError(ValueError):
-    """A loss or a Hessian-vector product came out NaN or Inf."""
-
+from .batches import BatchReader, MicroBatch
+from .compute_model import ComputeModel
+from .finite import Check, FiniteChecks, NonFiniteError
+from .graph_cache import WorkKeeper, model_state_key
+from .options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES
+from .precision import autocast_context, resolve_precision
+from .reduction import ReductionProbe, WeightedSum, finish, resolve_reduction
 
 # Batches are kept on the compute device between products while they take at most this much memory.
 DEFAULT_CACHE_MAX_BYTES = 2**30
 
-# One micro-batch as the data loop yields it: (label for messages, inputs, targets, samples,
-# key: (position of its batch in the dataloader, its number within that batch)).
-Chunk = tuple[str, Any, Any, int, tuple[int, int]]
+
+class Tangents:
+    """The b vectors of a block product, in the forms a micro-batch's product may want; each form
+    is made once per product and shared by its micro-batches.
+
+    Attributes:
+        block: the (n, b) block, laid out like the flat parameter vector.
+    """
+
+    def __init__(self, block: Tensor, params: list[Tensor]) -> None:
+        self.block = block
+        self._params = params
+
+    @property
+    def width(self) -> int:
+        """b, the number of vectors."""
+        return self.block.shape[1]
+
+    @functools.cached_property
+    def columns(self) -> list[list[Tensor]]:
+        """Per vector, its pieces shaped like the parameters (views into the block)."""
+        return [unflatten(self.block[:, j], self._params) for j in range(self.width)]
+
+    @functools.cached_property
+    def per_parameter(self) -> list[Tensor]:
+        """Per parameter p, the b vectors' pieces as one (b, *p.shape) tensor."""
+        return [torch.stack([column[i] for column in self.columns]) for i in range(len(self._params))]
 
 
 class ModelOperator(Operator):
-    """Base of curvature operators of ``criterion(model(inputs), targets)`` averaged over a dataloader.
+    """Base of curvature operators of ``criterion(model(inputs), targets)`` over a dataloader.
 
-    The operator is the sample-weighted mean over micro-batches of what ``_chunk_products``
-    returns for each; see :class:`HVPOperator` for the meaning of every argument.
+    The operator is the mean over micro-batches of their curvature, weighted by their numbers of
+    samples (their sum, for a criterion that sums over samples; see :mod:`.reduction`); see
+    :class:`HVPOperator` for the meaning of every argument.
+
+    A subclass implements :meth:`build` and :meth:`product` for one micro-batch (see the module
+    docstring), using :meth:`_loss` (or :meth:`_forward` and :meth:`_batch_loss`), ``_params``
+    (the parameter tensors to differentiate, on the compute device) and ``_work_model`` (the
+    model the products run). Whether work is kept between products is decided here; ``product``
+    is only told whether its ``work`` will be used again (``keep``).
 
     Under torch.distributed (an initialised process group), each rank passes the dataloader of
-    its own shard of the data and every product is ONE all-reduce of the sample-weighted sums and
-    sample counts: every rank gets the same product with the curvature of the mean loss over the
-    union of the shards, exact for uneven shards (``num_samples`` is then the global count). Every
-    rank must make the same products in the same order, with the same vectors (checked). An error
-    inside a product on one rank (a NaN/Inf, a bad batch) is raised on every rank instead of
+    its own shard of the data and every product is ONE all-reduce of the weighted sums and sample
+    counts: every rank gets the same product with the curvature of the mean (or summed) loss over
+    the union of the shards, exact for uneven shards (``num_samples`` is then the global count).
+    Every rank must make the same products in the same order, with the same vectors (checked). An
+    error inside a product on one rank (a NaN/Inf, a bad batch) is raised on every rank instead of
     leaving the others waiting. A ``DistributedDataParallel``-wrapped model is unwrapped: products
     use ``model.module`` (the same parameter tensors; parameter names are those of
     ``model.module``), so DDP's hooks and collectives never run. Set ``reduce_across_ranks =
@@ -72,6 +99,14 @@ class ModelOperator(Operator):
     reduce_across_ranks: bool = True
     #: The process group of the all-reduce; None is the default (world) group.
     process_group: Any = None
+    #: Whether the memory of :meth:`build`'s work is what autograd saves while building it (False:
+    #: only :meth:`work_bytes`, e.g. for work made by ``torch.func`` transforms, which refuse the
+    #: hooks that measure it).
+    measures_saved_tensors: bool = True
+    #: Whether :meth:`product` returns the per-sample mean curvature of a micro-batch whatever the
+    #: criterion's reduction (the empirical Fisher, from per-sample gradients), rather than the
+    #: curvature of the criterion's loss of the micro-batch (the Hessian, the GGN).
+    per_sample_mean_products: bool = False
 
     def __init__(
         self,
@@ -81,7 +116,7 @@ class ModelOperator(Operator):
         use_gpu: bool = True,
         fp16: bool = False,
         full_dataset: bool = True,
-        max_possible_gpu_samples: int = 256,
+        max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
         *,
         params: ParamSpec = None,
         eval_mode: bool = True,
@@ -92,22 +127,34 @@ class ModelOperator(Operator):
         cache_graphs: bool = True,
         graph_cache_max_bytes: Optional[int] = None,
         precision: Optional[str] = None,
+        reduction: Optional[str] = None,
+        batch_size_fn: Optional[BatchSizeFn] = None,
     ) -> None:
         model = distributed.unwrap_model(model)
         names, chosen = select_parameters(model, params)
+        if any(p.is_inference() for p in chosen):
+            raise ValueError(
+                "The model's parameters were created under torch.inference_mode(), and such tensors can never "
+                "be differentiated. Create or load the model outside inference_mode() (torch.no_grad() is "
+                "fine), or replace its parameters with clones made outside it."
+            )
         if not callable(criterion):
             raise TypeError(f"criterion must be a callable loss(outputs, targets), got {type(criterion).__name__}.")
+        for flag, name in ((use_gpu, "use_gpu"), (fp16, "fp16"), (full_dataset, "full_dataset"),
+                           (eval_mode, "eval_mode"), (check_finite, "check_finite"),
+                           (cache_batches, "cache_batches"), (cache_graphs, "cache_graphs")):
+            check_bool(flag, name)
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(
+                f"batch_size_fn must be a callable (inputs, targets) -> number of samples, got "
+                f"{type(batch_size_fn).__name__}."
+            )
+        dataloader = as_batches(dataloader)
         check_reiterable(dataloader, full_dataset)
-        self.max_possible_gpu_samples = check_positive_int(max_possible_gpu_samples, "max_possible_gpu_samples")
-        if not isinstance(cache_batches, bool):
-            raise TypeError(f"cache_batches must be True or False, got {cache_batches!r}.")
-        self.cache_max_bytes = check_positive_int(cache_max_bytes, "cache_max_bytes")
-        if not isinstance(cache_graphs, bool):
-            raise TypeError(f"cache_graphs must be True or False, got {cache_graphs!r}.")
+        max_possible_gpu_samples = check_positive_int(max_possible_gpu_samples, "max_possible_gpu_samples")
+        cache_max_bytes = check_positive_int(cache_max_bytes, "cache_max_bytes")
         if graph_cache_max_bytes is not None:
             check_positive_int(graph_cache_max_bytes, "graph_cache_max_bytes")
-        self.cache_graphs = cache_graphs
-        self.graph_cache_max_bytes = graph_cache_max_bytes
         model_device = common_device(chosen)
         if device is not None:
             target = resolve_device(device)
@@ -115,49 +162,139 @@ class ModelOperator(Operator):
             target = model_device
         else:
             target = torch.device("cuda")
-
         self.precision = resolve_precision(precision, bool(fp16), target)
-
         super().__init__(sum(p.numel() for p in chosen), common_dtype(chosen), target)
+
         self.model = model
-        self.dataloader = dataloader
         self.criterion = criterion
+        self.param_names = names
+        # "mean" or "sum" (see operators/reduction.py); None until the data shows which.
+        self.reduction = resolve_reduction(reduction, criterion)
         # True when products run under autocast (the meaning fp16 always had).
         self.fp16 = self.precision in ("fp16", "bf16")
-        self.cache_batches = cache_batches
-        self.full_dataset = bool(full_dataset)
-        self.is_stochastic = not self.full_dataset
+        self.is_stochastic = not full_dataset
         self.eval_mode = bool(eval_mode)
         self.check_finite = bool(check_finite)
-        self._deferred: Optional[list] = None  # pending NaN/Inf checks inside deferred_checks()
-        self._frozen_depth = 0  # nesting depth of frozen() blocks
-        self._chunk_position = (0, 0)  # key of the micro-batch in progress (see Chunk)
-        # Work of each micro-batch kept between products inside frozen() (see _kept_or_built).
-        self._kept = KeptGraphs()
-        self._graph_budget: Optional[int] = None  # bytes, fixed when a frozen block keeps its first work
-        self._reusing = False  # the product in progress keeps/reuses per-micro-batch work
-        self.param_names = names
+        self.cache_graphs = cache_graphs
+        self.graph_cache_max_bytes = graph_cache_max_bytes
         self.dropout_seed = 0
-        self._batch_iter: Optional[Iterator] = None
-        self._batch_pos = 0
-        self.num_samples: Optional[int] = None
-        # Device copies of the micro-batches, by position of their batch in the dataloader.
-        self._cache: dict[int, list[Chunk]] = {}
-        self._cache_bytes = 0
-        self._cache_complete = False  # every batch of the full dataset is in _cache
-        self._cache_overflowed = False
+        self.num_samples: Optional[int] = None  # of the last full pass
 
-        if target == model_device or (target.type == model_device.type == "cuda" and target.index is None):
-            self._work_model = model
-            self._params = chosen
-        else:
-            logger.info("HVPOperator: computing on %s with a copy of the model (the model is on %s).",
-                        target, model_device)
-            self._work_model = copy.deepcopy(model).to(target)
-            work_named = dict(self._work_model.named_parameters())
-            self._params = [work_named[n] for n in names]
+        self._compute = ComputeModel(model, names, chosen, target, type(self).__name__)
+        # What subclasses differentiate: the module products run, and its chosen parameters.
+        self._work_model = self._compute.module
+        self._params = self._compute.params
+        self._batches = BatchReader(dataloader, target, bool(full_dataset), max_possible_gpu_samples, batch_size_fn,
+                                    cache_batches, cache_max_bytes, type(self).__name__)
+        self._keeper = WorkKeeper(type(self).__name__, target, graph_cache_max_bytes)
+        self._checks = FiniteChecks()
+        self._frozen_depth = 0  # nesting depth of frozen() blocks
+        self._keeping = False  # the product in progress keeps/reuses per-micro-batch work
+        # While the criterion's reduction is unknown: the probe that looks at the micro-batch in
+        # progress (see _batch_loss), and whether it has seen that micro-batch's outputs.
+        self._probing: Optional[ReductionProbe] = None
+        self._probed = False
 
-    # -- layout helpers ------------------------------------------------------------------------
+    # -- the options that live in the data loop ------------------------------------------------
+    @property
+    def dataloader(self) -> Any:
+        """The dataloader the operator reads (a single (inputs, targets) pair as a list of one batch)."""
+        return self._batches.dataloader
+
+    @property
+    def full_dataset(self) -> bool:
+        """Every batch in every product (True), or the next mini-batch (False)."""
+        return self._batches.full_dataset
+
+    @property
+    def max_possible_gpu_samples(self) -> int:
+        """The most rows of a micro-batch."""
+        return self._batches.max_possible_gpu_samples
+
+    @property
+    def batch_size_fn(self) -> Optional[BatchSizeFn]:
+        """The user's count of a batch's samples, or None (its rows)."""
+        return self._batches.batch_size_fn
+
+    @property
+    def cache_batches(self) -> bool:
+        """Whether batches are kept on the compute device between products."""
+        return self._batches.cache_batches
+
+    @property
+    def cache_max_bytes(self) -> int:
+        """The memory the batches kept on the compute device may take."""
+        return self._batches.cache_max_bytes
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def build(self, inputs: Any, targets: Any, label: str) -> Any:
+        """The work of one micro-batch that does not depend on the vectors (forward pass, first-order
+        graphs, ...), with its loss as ``work.loss``. ``label`` names the micro-batch in messages."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build")
+
+    def product(self, work: Any, tangents: Tangents, keep: bool) -> Tensor:
+        """The micro-batch's curvature times the b vectors of ``tangents``, shape (n, b), from its
+        ``work``. ``keep``: the work is used again by later products (do not free its graphs)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement product")
+
+    def work_bytes(self, work: Any) -> int:
+        """Bytes of ``work`` that autograd does not save while building it (e.g. gradients it returns),
+        counted against ``graph_cache_max_bytes`` when the work is kept."""
+        return 0
+
+    def _keeps_work(self) -> bool:
+        """Whether this operator's work is worth keeping between products at all."""
+        return True
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    @property
+    def keeping_work(self) -> bool:
+        """True while the product in progress keeps each micro-batch's work for later products."""
+        return self._keeping
+
+    def _forward(self, inputs: Any, parameters: Optional[Mapping[str, Tensor]] = None) -> Any:
+        """The model's outputs for ``inputs`` (under autocast in the fp16/bf16 modes).
+
+        ``parameters`` ({name: tensor}) stand in for those parameters of the model during the call
+        (``torch.func.functional_call``; the module's own tensors are back in place afterwards,
+        also on error), which is how ``torch.func`` transforms differentiate the loss.
+        """
+        with autocast_context(self.precision, self.device):
+            if parameters is None:
+                return call_model(self._work_model, inputs)
+            return call_model(self._work_model, inputs, parameters)
+
+    def _batch_loss(self, outputs: Any, targets: Any, label: str, inputs: Any = None) -> Tensor:
+        """The criterion's checked loss of one micro-batch (or sample) from its model outputs.
+
+        Given the ``inputs`` too, it also shows the outputs to the check of the criterion's
+        reduction while that is unknown, which then needs no forward pass of its own.
+        """
+        with autocast_context(self.precision, self.device):
+            loss = self.criterion(outputs, targets)
+        self._check_loss(loss, label)
+        if inputs is not None and self._probing is not None and self._probing.found is None:
+            self._probed = True
+            detached = map_tensors(lambda t: t.detach(), outputs)
+            self._observe_reduction(self._probing, inputs, targets, detached)
+        return loss
+
+    def _loss(
+        self, inputs: Any, targets: Any, label: str, parameters: Optional[Mapping[str, Tensor]] = None
+    ) -> Tensor:
+        """The checked loss of one micro-batch (see :meth:`_forward` for ``parameters``)."""
+        # Inside torch.func transforms (parameters given) the outputs are not plain tensors to look at.
+        return self._batch_loss(self._forward(inputs, parameters), targets, label,
+                                inputs=inputs if parameters is None else None)
+
+    @property
+    def _offsets(self) -> list[int]:
+        offsets = [0]
+        for p in self._params:
+            offsets.append(offsets[-1] + p.numel())
+        return offsets
+
+    # -- layout ---------------------------------------------------------------------------------
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
         """Split a flat (n,) vector into {parameter name: tensor shaped like that parameter}."""
         return dict(zip(self.param_names, unflatten(vec, self._params)))
@@ -171,53 +308,139 @@ class ModelOperator(Operator):
         return self._matmat(vec.unsqueeze(1)).squeeze(1)
 
     def _matmat(self, mat: Tensor) -> Tensor:
-        self._reusing = self._may_keep_work()
+        return self._guarded(self._product, mat)
+
+    def _guarded(self, run: Callable[..., Any], *args: Any) -> Any:
+        """``run(*args)`` as one pass over the data: refused where it cannot work, keeping work where
+        it may, with the global random state put back afterwards, also on error."""
+        self._check_callable_now()
+        self._keeping = self._may_keep_work()
         try:
-            out = self._product(mat)
+            # The dataloader, dropout and random layers or losses draw from the global generators.
+            with preserved_global_rng():
+                out = run(*args)
         except BaseException:
-            self._kept.clear()  # a product that failed half-way may have kept part of a pass
+            self._keeper.kept.clear()  # a pass that failed half-way may have kept part of its work
             raise
-        if self._reusing and not self._batches_fixed():
-            # The next product may read other samples at the same positions (the batches did
-            # not stay on the device), so work kept by position cannot be matched to them.
-            self._kept.clear()
+        if self._keeping and not self._batches.positions_fixed:
+            # The next pass may read other samples at the same positions (the batches did not stay
+            # on the device), so work kept by position cannot be matched to them.
+            self._keeper.kept.clear()
         return out
 
-    def _batches_fixed(self) -> bool:
-        """Whether a batch position always holds the same samples from now on: the whole dataset
-        is cached on the device, or the dataloader is a list/tuple of batches read one per product."""
-        if self.full_dataset:
-            return self._cache_complete
-        return isinstance(self.dataloader, (list, tuple)) and self.cache_batches and not self._cache_overflowed
-
     def _product(self, mat: Tensor) -> Tensor:
-        """The block product over the data: the sample-weighted mean of the micro-batches' products."""
-        columns = [unflatten(mat[:, j], self._params) for j in range(mat.shape[1])]
-        total = torch.zeros_like(mat)
-        seen = 0
-        checks: list[tuple[str, Tensor, Tensor]] = []
+        """The block product: the micro-batches' products combined as the criterion's reduction says."""
+        tangents = Tangents(mat, self._params)
+        return self._over_data(mat, lambda chunk: self._micro_batch_product(chunk, tangents), mat, checked=True)
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """The loss over the dataloader and its gradient, flat (n,), at the current parameters.
+
+        The loss is the one whose curvature the operator is: the mean over every sample (or the
+        sum, for a summing criterion), through the same data loop, device, micro-batching and
+        model-state guarantees as the products (eval mode unless built with ``eval_mode=False``;
+        the model's ``.grad`` is not touched). With ``full_dataset=False`` it is that of the next
+        mini-batch. Under torch.distributed it is over every rank's shard, in one all-reduce, and
+        an error on one rank is raised on every rank instead of leaving the others waiting.
+
+        Returns:
+            (loss as a float, gradient as an (n,) tensor in the operator's dtype and on its device).
+        """
+        like = torch.zeros(self.size + 1, dtype=torch.float64, device=self.device)
+        result = self._guarded(self._over_data, like, self._loss_and_gradient_of, None)
+        return float(result[-1]), result[:-1].to(self.dtype)
+
+    def _loss_and_gradient_of(self, chunk: MicroBatch) -> tuple[Tensor, Tensor]:
+        """(loss, [gradient, loss] as one float64 vector) of one micro-batch."""
+        loss = self._loss(chunk.inputs, chunk.targets, chunk.label)
+        pieces = torch.autograd.grad(loss, self._params, allow_unused=True)
+        row = torch.zeros(self.size + 1, dtype=torch.float64, device=self.device)
+        offsets = self._offsets
+        for i, piece in enumerate(pieces):
+            if piece is not None:
+                row[offsets[i] : offsets[i + 1]] = piece.reshape(-1)
+        row[-1] = loss.detach()
+        return loss, row
+
+    def _over_data(
+        self, like: Tensor, per_micro_batch: Callable[[MicroBatch], tuple[Tensor, Tensor]], vectors: Optional[Tensor],
+        checked: bool = False,
+    ) -> Tensor:
+        """One pass over the data: ``per_micro_batch(chunk) -> (loss, value shaped like like)``
+        combined over the micro-batches (and the ranks) as the reduction says.
+
+        ``vectors`` (the block multiplied, or None) lets the ranks check they multiply the same;
+        ``checked`` runs the NaN/Inf checks of products.
+        """
+        total = WeightedSum(like, self.reduction, self.per_sample_mean_products)
+        probe = ReductionProbe(self.criterion, self.batch_size_fn) if self.reduction is None else None
+        checks: list[Check] = []
         # Under a process group, an error on this rank is held until every rank has joined the
-        # product's all-reduce, then raised on all of them (single process: a no-op).
+        # pass's all-reduce, then raised on all of them (single process: a no-op).
         guard = distributed.ProductGuard(self.process_group, self.reduce_across_ranks, (NonFiniteError,))
         with guard, self._product_context():
-            for label, inputs, targets, count, key in self._chunks():
-                self._chunk_position = key
-                loss, hv = self._chunk_products(inputs, targets, columns, label)
-                total.add_(hv, alpha=count)
-                seen += count
-                if self.check_finite:
-                    checks.append((label, loss.detach(), torch.isfinite(hv).all()))
-            if checks and self._deferred is not None and not distributed.is_distributed(self.process_group):
-                self._deferred.extend(checks)
-            elif checks:
-                self._raise_if_not_finite(checks)
-        total, seen = guard.reduce(total, seen, mat)
+            for chunk in self._batches.micro_batches():
+                self._probing, self._probed = (probe if total.reduction is None else None), False
+                try:
+                    loss, value = per_micro_batch(chunk)
+                finally:
+                    self._probing = None
+                if total.reduction is None:
+                    if not self._probed:  # its work was kept, or made inside torch.func transforms
+                        self._observe_reduction(probe, chunk.inputs, chunk.targets)
+                    if probe.found is not None:
+                        total.decide(probe.found)
+                        self.reduction = probe.found
+                total.add(value, chunk.samples)
+                if checked and self.check_finite:
+                    checks.append((chunk.label, loss.detach(), torch.isfinite(value).all()))
+            # Under a process group the checks stay immediate: every rank must raise alike.
+            self._checks.submit(checks, may_defer=not distributed.is_distributed(self.process_group))
+            if probe is not None:
+                self._settle_reduction(probe, total)
+        summed, seen, reduction = guard.reduce(total.total(), total.samples, vectors, total.reduction)
         if seen == 0:
-            raise ValueError("Every batch of the dataloader was empty (0 samples); there is no loss to differentiate.")
+            raise ValueError("Every batch of the dataloader was empty (0 samples); there is nothing to compute.")
+        if reduction is not None:
+            self.reduction = reduction
         if self.full_dataset:
             self.num_samples = seen
-        return total.div_(seen)
+        return finish(summed, seen, reduction)
 
+    def _micro_batch_product(self, chunk: MicroBatch, tangents: Tangents) -> tuple[Tensor, Tensor]:
+        """(loss, (n, b) product) of one micro-batch, from its kept work or work built now."""
+        rewind = rng_rewinder(self.device)
+        work, kept = self._work_of(chunk, rewind)
+        try:
+            value = self.product(work, tangents, keep=kept)
+            return work.loss, value  # read after the product, which may be what computes the loss
+        except torch.cuda.OutOfMemoryError:
+            if not len(self._keeper):
+                raise  # nothing kept to free
+            self._keeper.give_up_out_of_memory()
+        # Outside the except block, so that the failed attempt's tensors are freed before the retry.
+        del work
+        rewind()  # the work is built again, drawing the same dropout masks
+        work = self.build(chunk.inputs, chunk.targets, chunk.label)
+        value = self.product(work, tangents, keep=False)
+        return work.loss, value
+
+    def _work_of(self, chunk: MicroBatch, rewind: Callable[[], None]) -> tuple[Any, bool]:
+        """The micro-batch's work, kept from an earlier product or built now (and kept if this
+        product keeps work and it fits); returns (work, whether it is kept)."""
+        def build() -> Any:
+            return self.build(chunk.inputs, chunk.targets, chunk.label)
+
+        if not self._keeping:
+            return build(), False
+        held = list(self._params) + tensors_in((chunk.inputs, chunk.targets))
+        work, kept = self._keeper.get_or_build(chunk.key, build, self.work_bytes, held, self.measures_saved_tensors,
+                                               all_or_nothing=not self.eval_mode, rewind=rewind)
+        if self._keeper.refused:
+            self.cache_graphs = False
+        return work, kept
+
+    # -- work kept between products inside frozen() ----------------------------------------------
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """A block in which the caller promises not to change the model (parameters, buffers, modes)
@@ -230,177 +453,50 @@ class ModelOperator(Operator):
         finally:
             self._frozen_depth -= 1
             if self._frozen_depth == 0:
-                self._release_kept_work()
-
-    # -- work kept between products inside frozen() ----------------------------------------------
-    def _keeps_work(self) -> bool:
-        """Whether this operator's products can reuse kept per-micro-batch work at all."""
-        return True
+                self._keeper.release()
 
     def _may_keep_work(self) -> bool:
-        """Whether this product keeps/reuses per-micro-batch work (see ``cache_graphs``); drops
-        work kept for another state of the model."""
-        if not (
-            self._frozen_depth > 0 and self.cache_graphs and self.cache_batches and not self._cache_overflowed
-            and (self.full_dataset or isinstance(self.dataloader, (list, tuple))) and self._keeps_work()
-        ):
+        """Whether this pass keeps/reuses per-micro-batch work (see ``cache_graphs``); drops work
+        kept for another state of the model."""
+        if not (self._frozen_depth > 0 and self.cache_graphs and not self._keeper.refused
+                and self._batches.keys_reusable and self._keeps_work()):
             return False
         if not self.eval_mode and next(self._work_model.buffers(), None) is not None:
             # Restoring the buffers after each product writes into tensors the graphs saved.
             return False
-        key = (model_state_key(self.model), self.dropout_seed)
-        if self._kept.key != key:
-            if len(self._kept):
-                logger.info("%s: the model changed inside frozen(); rebuilding the kept graphs.", type(self).__name__)
-            self._kept.clear()
-            self._kept.key = key
+        self._keeper.start((model_state_key(self.model), self.dropout_seed))
         return True
 
-    def _kept_or_built(
-        self, build: Callable[[], Any], outputs_bytes: Callable[[Any], int], inputs: Any, targets: Any,
-        count_saved: bool = True,
-    ) -> tuple[Any, bool]:
-        """The kept work of the micro-batch in progress, or ``build()`` it and keep it if it fits
-        ``graph_cache_max_bytes``. Returns (work, whether it is kept).
+    def clear_batch_cache(self) -> None:
+        """Forget the device copies of the batches; the next product reads the dataloader again.
 
-        Its size is what autograd saved while building it (``count_saved``; parameters and inputs
-        excepted) plus ``outputs_bytes(work)``. Call only while ``self._reusing``.
+        Call it after changing the data behind the dataloader (with ``cache_batches=True`` the
+        batches are read once and reused by every later product).
         """
-        position = self._chunk_position
-        work = self._kept.get(position)
-        if work is not None:
-            return work, True
-        if self._kept.full:
-            return build(), False
-        if self._graph_budget is None:
-            self._graph_budget = self.graph_cache_max_bytes or default_graph_budget(self.device)
-        rewind = rng_rewinder(self.device)
-        try:
-            if count_saved:
-                with counting_saved_bytes(list(self._params) + tensors_in((inputs, targets))) as saved:
-                    work = build()
-                size = saved.total
-            else:
-                work, size = build(), 0
-        except SavedTensorHooksRefused as exc:
-            logger.info("%s: the model runs torch.func transforms, which refuse the hooks that measure the "
-                        "memory of kept graphs (%s); nothing is kept for it.", type(self).__name__, exc)
-            self.cache_graphs = False
-            self._kept.give_up()
-            rewind()  # the failed attempt may have drawn dropout masks
-            return build(), False
-        except torch.cuda.OutOfMemoryError:
-            if not len(self._kept):
-                raise  # nothing kept to free: this micro-batch alone does not fit
-            self._drop_kept_work()
-            rewind()
-            return build(), False
-        kept = self._kept.add(position, work, size + outputs_bytes(work), self._graph_budget)
-        if not kept and not self.eval_mode:
-            # Kept micro-batches draw no more dropout masks, so the ones computed afresh would draw
-            # other masks than in this product: with random layers it is all or nothing.
-            self._kept.give_up()
-            logger.info("%s: the kept work does not fit graph_cache_max_bytes=%d bytes, and with "
-                        "eval_mode=False it is kept for all micro-batches or none; keeping none.",
-                        type(self).__name__, self._graph_budget)
-        elif not kept:
-            logger.info(
-                "%s: the kept work of %d micro-batch(es) fills graph_cache_max_bytes=%d bytes; the others are "
-                "computed afresh in every product (raise graph_cache_max_bytes to keep more).",
-                type(self).__name__, len(self._kept), self._graph_budget,
-            )
-        return work, kept
+        self._batches.clear()
+        self._keeper.kept.clear()  # built from the old data
 
-    def _drop_kept_work(self) -> None:
-        """Out of device memory with work kept: free it and compute afresh for the rest of the block."""
-        logger.warning(
-            "%s: out of device memory with %d micro-batch(es) of kept work (%d bytes); freeing them and "
-            "computing every product afresh for the rest of this frozen() block. Lower "
-            "graph_cache_max_bytes to keep less.", type(self).__name__, len(self._kept), self._kept.bytes,
-        )
-        self._kept.give_up()
-
-    def _release_kept_work(self) -> None:
-        """Free what products kept inside :meth:`frozen`."""
-        self._kept.clear()
-        self._graph_budget = None
-
-    def _copy_is_stale(self) -> bool:
-        """Whether the device copy of the model must be synced from the model before a product.
-
-        Kept work is valid only for an unchanged model, so the copy is then up to date; syncing it
-        would also write into tensors the kept graphs saved.
-        """
-        return not (self._reusing and len(self._kept))
-
-    @contextlib.contextmanager
-    def deferred_checks(self) -> Iterator[None]:
+    # -- NaN/Inf checks ------------------------------------------------------------------------
+    def deferred_checks(self) -> contextlib.AbstractContextManager:
         """Postpone the NaN/Inf checks of the products in this block to :meth:`flush_checks` or the
         block's end, saving the host sync of every product. Under a process group the checks stay
         immediate (the product's all-reduce synchronises anyway, and every rank must raise alike)."""
-        if self._deferred is not None:  # nested: the outer block flushes
-            yield
-            return
-        self._deferred = []
-        try:
-            yield
-        except BaseException:
-            self._deferred = None
-            raise
-        pending, self._deferred = self._deferred, None
-        if pending:
-            self._raise_if_not_finite(pending)
+        return self._checks.deferring()
 
     def flush_checks(self) -> None:
         """Run the checks postponed by :meth:`deferred_checks` now (one host sync for all of them)."""
-        if self._deferred:
-            pending, self._deferred = self._deferred, []
-            self._raise_if_not_finite(pending)
-
-    def _chunk_products(
-        self, inputs: Any, targets: Any, columns: list[list[Tensor]], label: str
-    ) -> tuple[Tensor, Tensor]:
-        """(mean loss of one micro-batch, its curvature matrix times every column, shape (n, b)).
-
-        ``columns[j]`` is column j of the block, split like the parameters (see ``unflatten``).
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement _chunk_products")
-
-    def _loss(
-        self, inputs: Any, targets: Any, label: str, parameters: Optional[Mapping[str, Tensor]] = None
-    ) -> Tensor:
-        """The checked batch-mean loss of one micro-batch (under autocast in the fp16/bf16 modes).
-
-        ``parameters`` ({name: tensor}) stand in for those parameters of the model during the call
-        (``torch.func.functional_call``; the module's own tensors are back in place afterwards,
-        also on error), which is how ``torch.func`` transforms differentiate the loss.
-        """
-        with autocast_context(self.precision, self.device):
-            if parameters is None:
-                outputs = call_model(self._work_model, inputs)
-            else:
-                outputs = _functional_call(self._work_model, parameters, inputs)
-            loss = self.criterion(outputs, targets)
-        self._check_loss(loss, label)
-        return loss
-
-    @property
-    def _offsets(self) -> list[int]:
-        offsets = [0]
-        for p in self._params:
-            offsets.append(offsets[-1] + p.numel())
-        return offsets
+        self._checks.flush()
 
     def _check_loss(self, loss: Any, label: str) -> None:
         if not isinstance(loss, Tensor):
             raise TypeError(
-                f"criterion returned a {type(loss).__name__} for {label}; it must return the batch-mean "
-                f"loss as a scalar torch.Tensor (do not call .item())."
+                f"criterion returned a {type(loss).__name__} for {label}; it must return the loss of the "
+                f"batch as a scalar torch.Tensor (do not call .item())."
             )
         if loss.dim() != 0:
             raise ValueError(
                 f"criterion returned a tensor of shape {tuple(loss.shape)} for {label}; it must return the "
-                f"batch-mean loss as a scalar. Use reduction='mean' (the default of torch losses)."
+                f"loss of the batch as a scalar. Use reduction='mean' (the default of torch losses) or 'sum'."
             )
         if not loss.requires_grad:
             raise ValueError(
@@ -409,193 +505,51 @@ class ModelOperator(Operator):
                 f"not called under torch.no_grad(), and that params selects parameters the loss uses."
             )
 
-    def _raise_if_not_finite(self, checks: list[tuple[str, Tensor, Tensor]]) -> None:
-        losses = torch.stack([loss.float() for _, loss, _ in checks])
-        product_ok = torch.stack([ok for _, _, ok in checks])
-        flags = torch.isfinite(losses) & product_ok
-        if bool(flags.all()):  # the one sync of a product
+    # -- the criterion's reduction ---------------------------------------------------------------
+    def _observe_reduction(self, probe: ReductionProbe, inputs: Any, targets: Any, outputs: Any = None) -> None:
+        """Show one micro-batch to the check of whether the criterion averages or sums its samples.
+        Forward passes it needs (all of them without ``outputs``) run without gradients, in eval
+        mode (so that neither dropout nor batch statistics enter), with the random state put back."""
+        with torch.no_grad(), preserved_global_rng(), \
+                preserved_model_state(self._work_model, eval_mode=True, restore_buffers=False):
+            probe.observe(inputs, targets, lambda batch: call_model(self._work_model, batch), outputs)
+
+    def _settle_reduction(self, probe: ReductionProbe, total: WeightedSum) -> None:
+        """At the end of a pass whose data never showed the reduction: take it as a mean (the
+        documented convention) where a mean and a sum would differ, and say so. Not while a loss
+        was NaN/Inf (the product's own check reports that); the next pass looks again."""
+        if not total.ambiguous or probe.non_finite:
             return
-        bad = int((~flags).nonzero()[0, 0])
-        label, loss, _ = checks[bad]
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(
-                f"The loss of {label} is {loss.item()}. Check the inputs and targets of that batch for "
-                f"NaN/Inf and the model for overflow (try float64, or fp16=False)."
+        why = (f"the model or criterion fails on part of a batch ({probe.failure[:200]})" if probe.failure
+               else "one sample in all, or losses that are all zero")
+        warnings.warn(
+            f"Cannot tell whether the criterion averages or sums over the samples of a batch: the batches "
+            f"{type(self).__name__} read do not show it ({why}). It is taken as a mean (the Hessian of the mean "
+            f"loss over the {total.samples} samples); pass reduction='sum' to the operator for the Hessian of the "
+            f"summed loss, or reduction='mean' to silence this warning.",
+            stacklevel=user_stacklevel(),
+        )
+        total.decide("mean")
+        self.reduction = "mean"
+
+    # -- the model -----------------------------------------------------------------------------
+    def _check_callable_now(self) -> None:
+        """Raise, before touching the model or the data, where no product can be computed now."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} was called inside torch.inference_mode(): tensors made there can never "
+                f"be differentiated, so no curvature product can be computed. Call it outside the "
+                f"inference_mode() block (inside torch.no_grad() is fine: products turn gradients on themselves)."
             )
-        raise NonFiniteError(
-            f"The Hessian-vector product of {label} has NaN/Inf entries although its loss is finite "
-            f"({loss.item():.6g}). The vector or that batch's inputs may contain NaN/Inf (an Inf input can "
-            f"leave the loss finite through a saturating activation), or the second derivatives overflow: "
-            f"try float64 (model.double()) or fp16=False."
-        )
+        self._compute.check_unchanged()
 
-    # -- data ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _product_context(self) -> Iterator[None]:
-        if self._work_model is not self.model and self._copy_is_stale():
-            self._sync_copy()
-        keep_modes = not self.eval_mode
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(preserved_model_state(self._work_model, self.eval_mode, restore_buffers=keep_modes))
-            if keep_modes:
-                devices = [self.device] if self.device.type == "cuda" else []
-                stack.enter_context(torch.random.fork_rng(devices=devices))
-                torch.manual_seed(self.dropout_seed)
-            stack.enter_context(torch.enable_grad())
-            stack.enter_context(math_attention())
-            stack.enter_context(rnn_without_cudnn(self._work_model, self.device))
-            stack.enter_context(fp32_math(allow_tf32=self.precision == "tf32"))
-            yield
-
-    def _sync_copy(self) -> None:
-        with torch.no_grad():
-            for dst, src in zip(self._work_model.parameters(), self.model.parameters()):
-                dst.copy_(src, non_blocking=True)
-            for dst, src in zip(self._work_model.buffers(), self.model.buffers()):
-                dst.copy_(src, non_blocking=True)
-        for dst, src in zip(self._work_model.modules(), self.model.modules()):
-            dst.training = src.training
-
-    def clear_batch_cache(self) -> None:
-        """Forget the device copies of the batches; the next product reads the dataloader again.
-
-        Call it after changing the data behind the dataloader (with ``cache_batches=True`` the
-        batches are read once and reused by every later product).
-        """
-        self._cache = {}
-        self._cache_bytes = 0
-        self._cache_complete = False
-        self._cache_overflowed = False
-        self._kept.clear()  # built from the old data
-
-    def _raw_batches(self) -> Iterator[tuple[int, Any]]:
-        """Yield (position in the dataloader, batch): every batch, or the next one when stochastic."""
-        if self.full_dataset:
-            empty = True
-            for index, batch in enumerate(self.dataloader):
-                empty = False
-                yield index, batch
-            if empty:
-                raise ValueError(
-                    "The dataloader yielded no batches. If it is a one-shot iterator it is exhausted: pass "
-                    "a torch DataLoader or a list, which can be read for every product."
-                )
-            return
-        for attempt in range(2):
-            if self._batch_iter is None:
-                self._batch_iter = iter(self.dataloader)
-                self._batch_pos = 0
-            try:
-                batch = next(self._batch_iter)
-            except StopIteration:
-                self._batch_iter = None
-                continue
-            self._batch_pos += 1
-            yield self._batch_pos - 1, batch
-            return
-        raise ValueError(
-            "The dataloader yielded no batches (an exhausted iterator cannot be restarted): pass a torch "
-            "DataLoader or a list of batches."
-        )
-
-    def _caching(self) -> bool:
-        """Whether batches read now may be kept for later products.
-
-        The full dataset is the same set of samples in every product (the mean over all samples
-        does not depend on their order), so its device copies can be reused. One mini-batch per
-        product must follow the dataloader, whose next epoch may be reshuffled or re-augmented;
-        only a list or tuple of batches is known to give the same batches again.
-        """
-        if not self.cache_batches or self._cache_overflowed:
-            return False
-        return self.full_dataset or isinstance(self.dataloader, (list, tuple))
-
-    def _chunks(self) -> Iterator[Chunk]:
-        """Yield (label, inputs, targets, samples) micro-batches on the compute device.
-
-        With ``cache_batches`` the micro-batches are kept on the device after they are first read
-        (while they fit in ``cache_max_bytes``) and reused, so that later products neither read
-        the dataloader nor copy host to device again.
-        """
-        if self.full_dataset and self._cache_complete:
-            for index in sorted(self._cache):
-                yield from self._cache[index]
-            return
-        # A full pass is kept only once it has completed: a shuffling dataloader puts other samples
-        # at the same positions in its next epoch, so a partial cache could not be completed later.
-        pending: Optional[dict[int, list[Chunk]]] = {} if self._caching() else None
-        pending_bytes = 0
-        for index, batch in self._raw_batches():
-            if index in self._cache:  # only a list/tuple dataloader read one batch at a time gets here
-                yield from self._cache[index]
-                continue
-            chunks, added = self._device_chunks(index, batch)
-            if pending is not None:
-                if self._cache_bytes + pending_bytes + added <= self.cache_max_bytes:
-                    pending[index] = chunks
-                    pending_bytes += added
-                else:
-                    pending = None
-                    self._cache_overflowed = True
-                    logger.info(
-                        "%s: the batches take more than cache_max_bytes=%d bytes on %s, so they are read "
-                        "from the dataloader for every product; raise cache_max_bytes to keep them.",
-                        type(self).__name__, self.cache_max_bytes, self.device,
-                    )
-            yield from chunks
-        if pending is not None:
-            self._cache.update(pending)
-            self._cache_bytes += pending_bytes
-            self._cache_complete = self.full_dataset
-
-    def _device_chunks(self, index: int, batch: Any) -> tuple[list[Chunk], int]:
-        """The micro-batches of one dataloader batch on the compute device, and the bytes that
-        keeping them would add (device copies, and batches the dataloader made afresh)."""
-        inputs, targets = split_batch(batch, index)
-        count = num_samples(inputs, targets, index)
-        if count == 0:
-            return [], 0
-        moved_inputs, moved_targets = move_to(inputs, self.device), move_to(targets, self.device)
-        # A list/tuple dataloader keeps its own tensors alive: holding them costs nothing more.
-        owned = isinstance(self.dataloader, (list, tuple))
-        added = _added_bytes((inputs, targets), (moved_inputs, moved_targets), owned)
-        step = self.max_possible_gpu_samples
-        chunks = []
-        for number, start in enumerate(range(0, count, step)):
-            stop = min(start + step, count)
-            label = f"batch {index}" if count <= step else f"batch {index} (samples {start}:{stop})"
-            chunks.append((
-                label,
-                slice_samples(moved_inputs, start, stop) if count > step else moved_inputs,
-                slice_samples(moved_targets, start, stop) if count > step else moved_targets,
-                stop - start,
-                (index, number),
-            ))
-        return chunks, added
-
-
-def _added_bytes(source: Any, moved: Any, owned: bool) -> int:
-    """Bytes held by the tensors of ``moved`` that are not already held elsewhere."""
-    if isinstance(moved, Tensor):
-        if owned and moved is source:
-            return 0
-        return moved.numel() * moved.element_size()
-    if isinstance(moved, (tuple, list)):
-        return sum(_added_bytes(s, m, owned) for s, m in zip(source, moved))
-    if isinstance(moved, dict):
-        return sum(_added_bytes(source[k], m, owned) for k, m in moved.items())
-    return 0
-
-
-def _functional_call(model: nn.Module, parameters: Mapping[str, Tensor], inputs: Any) -> Any:
-    """``call_model`` with ``parameters`` swapped in for the model's own, through torch.func."""
-    from torch.func import functional_call
-
-    if isinstance(inputs, (tuple, list)):
-        return functional_call(model, dict(parameters), tuple(inputs))
-    if isinstance(inputs, dict):
-        return functional_call(model, dict(parameters), (), inputs)
-    return functional_call(model, dict(parameters), (inputs,))
+    def _product_context(self) -> contextlib.AbstractContextManager:
+        """The model in the operator's mode (state restored afterwards), gradients on, kernels that
+        can be differentiated twice, and the chosen float32 precision."""
+        # Kept work is valid only for an unchanged model, so the device copy is then up to date;
+        # syncing it would also write into tensors the kept graphs saved.
+        return self._compute.running(self.eval_mode, self.dropout_seed, allow_tf32=self.precision == "tf32",
+                                     sync=not (self._keeping and len(self._keeper)))
 
 
 def rng_rewinder(device: torch.device) -> Callable[[], None]:

@@ -2,21 +2,21 @@
 diagonal of a model's loss Hessian (or its GGN / empirical Fisher) over a dataloader.
 
 Each builds the curvature operator and hands it to the generic estimator; keyword arguments go
-to the operator (``params``, ``eval_mode``, ``device``, ``check_finite``, and ``per_sample`` for
-the Fisher) or to the estimator, and an unknown one is a TypeError that lists both.
+to the operator (every keyword option of its class, see
+:func:`~hessian_eigenthings.operators.options.operator_options`) or to the estimator, and an
+unknown one is a TypeError that lists both.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
-from ..eigenthings import _OPERATOR_KWARGS
 from ..operators.ggn import EmpiricalFisherOperator, GGNOperator
 from ..operators.hvp import HVPOperator
 from ..operators.model_operator import ModelOperator
+from ..operators.options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, check_operator_options, split_options
 from .density import SpectralDensity, spectral_density
 from .diagonal import DiagonalEstimate, exact_diagonal, hutchinson_diagonal
 from .exchangeable import xdiag
@@ -37,13 +37,14 @@ def curvature_operator(
     full_dataset: bool = True,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = 2**16,
+    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     **operator_kwargs: Any,
 ) -> ModelOperator:
     """The operator of ``curvature``: "hessian" (:class:`HVPOperator`), "ggn" (:class:`GGNOperator`)
     or "fisher" (:class:`EmpiricalFisherOperator`), with the usual operator arguments."""
     if curvature not in CURVATURES:
         raise ValueError(f"curvature={curvature!r} is not known; choose one of {', '.join(map(repr, CURVATURES))}.")
+    check_operator_options("curvature_operator", CURVATURES[curvature], operator_kwargs)
     return CURVATURES[curvature](
         model, dataloader, loss, use_gpu=use_gpu, fp16=fp16, full_dataset=full_dataset,
         max_possible_gpu_samples=max_possible_gpu_samples, **operator_kwargs,
@@ -51,17 +52,9 @@ def curvature_operator(
 
 
 def _split_kwargs(caller: str, estimator: Callable[..., Any], curvature: str, kwargs: dict) -> tuple[dict, dict]:
-    op_names = _OPERATOR_KWARGS + (("per_sample",) if curvature == "fisher" else ())
-    accepted = [name for name in inspect.signature(estimator).parameters if name != "operator"]
-    unknown = [name for name in kwargs if name not in accepted and name not in op_names]
-    if unknown:
-        raise TypeError(
-            f"{caller} got unknown keyword argument(s) {', '.join(unknown)}. Estimator options: "
-            f"{', '.join(accepted)}; operator options: {', '.join(op_names)}."
-        )
-    op_kwargs = {name: value for name, value in kwargs.items() if name in op_names}
-    est_kwargs = {name: value for name, value in kwargs.items() if name not in op_names}
-    return op_kwargs, est_kwargs
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature={curvature!r} is not known; choose one of {', '.join(map(repr, CURVATURES))}.")
+    return split_options(caller, kwargs, CURVATURES[curvature], estimator)
 
 
 def hessian_trace(
@@ -72,7 +65,7 @@ def hessian_trace(
     full_dataset: bool = True,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = 2**16,
+    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     curvature: str = "hessian",
     **kwargs: Any,
 ) -> TraceEstimate:
@@ -85,9 +78,10 @@ def hessian_trace(
         method: "hutch++" or "hutchinson". Default: "hutch++" on the full dataset, "hutchinson"
             with ``full_dataset=False`` (Hutch++ needs a deterministic operator).
         curvature: "hessian" (default), "ggn" or "fisher".
-        **kwargs: to the operator (``params``, ``eval_mode``, ``device``, ``check_finite``) or to
-            the estimator (``max_products``, ``tol``, ``rtol``, ``distribution``, ``seed``,
-            ``verbose``, ...; see :func:`hutchpp_trace`).
+        **kwargs: to the operator (any of its keyword options: ``params``, ``eval_mode``,
+            ``reduction``, ``batch_size_fn``, ...; see :class:`HVPOperator`) or to the estimator
+            (``max_products``, ``tol``, ``rtol``, ``distribution``, ``seed``, ``verbose``, ...;
+            see :func:`hutchpp_trace`).
 
     Returns:
         A :class:`TraceEstimate` (``.estimate``, ``.std_error``, ``.num_products``).
@@ -111,7 +105,7 @@ def hessian_density(
     num_steps: int = 80,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = 2**16,
+    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     curvature: str = "hessian",
     **kwargs: Any,
 ) -> SpectralDensity:
@@ -123,8 +117,8 @@ def hessian_density(
             operator).
         num_probes, num_steps: SLQ start vectors and Lanczos steps each (see :func:`spectral_density`).
         curvature: "hessian" (default), "ggn" or "fisher".
-        **kwargs: to the operator (``params``, ...) or to :func:`spectral_density` (``sigma``,
-            ``grid``, ``grid_size``, ``seed``, ``verbose``, ...).
+        **kwargs: to the operator (any of its keyword options, see :class:`HVPOperator`) or to
+            :func:`spectral_density` (``sigma``, ``grid``, ``grid_size``, ``seed``, ``verbose``, ...).
 
     Returns:
         A :class:`SpectralDensity`; ``.plot(path)`` draws it.
@@ -148,7 +142,7 @@ def hessian_diagonal(
     full_dataset: bool = True,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = 2**16,
+    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     curvature: str = "hessian",
     method: Optional[str] = None,
     **kwargs: Any,
@@ -175,9 +169,10 @@ def hessian_diagonal(
         model, dataloader, loss, full_dataset, use_gpu, fp16, max_possible_gpu_samples: as in
             :func:`compute_hessian_eigenthings`. The backpropagated methods read the whole dataset.
         curvature: "hessian" (default), "ggn" or "fisher" (the GGN methods imply "ggn").
-        **kwargs: to the operator (``params``, ...) or to the estimator (``max_products``, ``tol``,
-            ``rtol``, ``seed``, ``block_size``, ``verbose``, ...); the backpropagated methods take
-            ``params``, ``eval_mode``, ``device``, ``verbose`` (and ``mc_samples``, ``seed``).
+        **kwargs: to the operator (any of its keyword options, see :class:`HVPOperator`) or to the
+            estimator (``max_products``, ``tol``, ``rtol``, ``seed``, ``block_size``, ``verbose``,
+            ...); the backpropagated methods take ``params``, ``eval_mode``, ``device``,
+            ``verbose`` (and ``mc_samples``, ``seed``).
 
     Returns:
         A :class:`DiagonalEstimate`; ``info["by_parameter"]`` holds the diagonal split into

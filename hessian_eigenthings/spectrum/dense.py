@@ -26,6 +26,7 @@ from ..data import move_to
 from ..model_utils import ParamSpec, common_device, common_dtype, preserved_model_state, select_parameters, unflatten
 from ..operators.base import Operator, as_operator, runs_frozen
 from ..operators.hvp import HVPOperator
+from ..operators.options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, check_operator_options
 from ..solvers.result import EigenResult, order_by_which
 from ..utils import check_positive_int, check_which, logger, progress
 from .probes import check_deterministic, unit_blocks
@@ -124,13 +125,14 @@ def loss_hessian(
     by_parameter: bool = False,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = 2**16,
+    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     eval_mode: bool = True,
     device: Any = None,
     check_finite: bool = True,
     max_memory_bytes: Optional[float] = DEFAULT_MAX_MEMORY,
     block_size: int = 64,
     verbose: bool = True,
+    **operator_options: Any,
 ) -> Union[Tensor, dict[str, dict[str, Tensor]]]:
     """The Hessian of ``loss(model(x), y)``, averaged over every sample of ``dataloader``, as a matrix.
 
@@ -148,14 +150,17 @@ def loss_hessian(
         max_memory_bytes: refuse (ValueError, naming the memory needed) above this; None: no limit.
         block_size: products per block.
         verbose: show a progress bar.
+        **operator_options: any other keyword option of :class:`HVPOperator` (``reduction``,
+            ``batch_size_fn``, ``precision``, ...).
 
     Returns:
         (n, n) tensor in the parameters' dtype on the compute device, or the blocks.
     """
+    check_operator_options("loss_hessian", HVPOperator, operator_options)
     op = HVPOperator(
         model, dataloader, loss, use_gpu=use_gpu, fp16=fp16, full_dataset=True,
         max_possible_gpu_samples=max_possible_gpu_samples, params=params, eval_mode=eval_mode,
-        device=device, check_finite=check_finite,
+        device=device, check_finite=check_finite, **operator_options,
     )
     check_dense_memory(op.size * op.size, op.dtype, max_memory_bytes,
                        f"The loss Hessian of {op.size} parameters ({op.size} x {op.size})")

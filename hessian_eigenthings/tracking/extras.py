@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
 from ..operators.base import Operator
 from ..operators.model_operator import ModelOperator
 from ..spectrum.trace import hutchpp_trace
@@ -72,39 +71,11 @@ def preserved_rng_state() -> Iterator[None]:
 
 
 def loss_and_gradient(operator: ModelOperator) -> tuple[float, Tensor]:
-    """The mean loss over the operator's dataloader and its gradient, flat (n,), at the current parameters.
-
-    Uses the operator's own data loop, device, micro-batching and model-state guarantees (eval mode
-    unless the operator was built with ``eval_mode=False``), so it is the gradient of the same loss
-    whose Hessian the operator is; ``.grad`` of the model is not touched (``autograd.grad``).
-    Under torch.distributed it is the global mean over all ranks' shards, like the operator's products.
-    """
+    """The loss over the operator's dataloader and its gradient, flat (n,), at the current parameters:
+    :meth:`ModelOperator.loss_and_gradient` (the same loss whose Hessian the operator is)."""
     if not isinstance(operator, ModelOperator):
         raise TypeError(f"loss_and_gradient needs a model operator such as HVPOperator, got {type(operator).__name__}.")
-    total = torch.zeros((), dtype=torch.float64, device=operator.device)
-    grad = torch.zeros(operator.size, dtype=operator.dtype, device=operator.device)
-    seen = 0
-    offsets = operator._offsets
-    with operator._product_context():
-        for label, inputs, targets, count, _ in operator._chunks():
-            loss = operator._loss(inputs, targets, label)
-            pieces = torch.autograd.grad(loss, operator._params, allow_unused=True)
-            for i, piece in enumerate(pieces):
-                if piece is not None:
-                    grad[offsets[i] : offsets[i + 1]].add_(piece.reshape(-1).to(grad.dtype), alpha=count)
-            total += loss.detach().double() * count
-            seen += count
-    if operator.reduce_across_ranks and distributed.is_distributed(operator.process_group):
-        # the global mean over every rank's shard, weighted by samples, in one collective
-        packed = torch.cat([grad.double(), total.reshape(1), torch.tensor([float(seen)], dtype=torch.float64,
-                                                                          device=grad.device)])
-        packed = distributed.all_reduce_sum(packed, operator.process_group)
-        grad = packed[:-2].to(grad.dtype)
-        total = packed[-2]
-        seen = int(round(float(packed[-1])))
-    if seen == 0:
-        raise ValueError("Every batch of the dataloader was empty (0 samples); there is no loss to evaluate.")
-    return float(total / seen), grad.div_(seen)
+    return operator.loss_and_gradient()
 
 
 def builtin_extras(operator: ModelOperator, names: tuple[str, ...], trace_products: int = 60) -> dict[str, float]:

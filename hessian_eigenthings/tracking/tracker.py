@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..operators.base import Operator
 from ..operators.hvp import HVPOperator
 from ..operators.model_operator import ModelOperator
+from ..operators.options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, check_operator_options
 from ..operators.preconditioned import PreconditionedOperator, adam_preconditioner
 from ..utils import check_num_eigenthings, check_positive_int, check_which, logger
 from .extras import BUILTIN_EXTRAS, KNOWN_EXTRAS, TrackingContext, builtin_extras, check_extra_values, preserved_rng_state
@@ -85,6 +86,8 @@ class SharpnessTracker:
             :class:`ModelOperator` subclass with the same constructor works.
         use_gpu, fp16, max_possible_gpu_samples, params, eval_mode, device, check_finite: passed to
             the operator (see :class:`HVPOperator`).
+        **operator_options: any other keyword option of ``operator_cls`` (``reduction``,
+            ``batch_size_fn``, ``precision``, ...), passed to it.
         verbose: show the solver's progress bar at each tracked step.
     """
 
@@ -110,12 +113,13 @@ class SharpnessTracker:
         operator_cls: type = HVPOperator,
         use_gpu: bool = True,
         fp16: bool = False,
-        max_possible_gpu_samples: int = 2**16,
+        max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
         params: Any = None,
         eval_mode: bool = True,
         device: Any = None,
         check_finite: bool = True,
         verbose: bool = False,
+        **operator_options: Any,
     ) -> None:
         self.every = check_positive_int(every, "every")
         self.which = check_which(which)
@@ -124,6 +128,7 @@ class SharpnessTracker:
             raise ValueError(f"tol must be positive (a relative residual such as 1e-4), got {tol}.")
         if not (isinstance(operator_cls, type) and issubclass(operator_cls, ModelOperator)):
             raise TypeError(f"operator_cls must be a ModelOperator subclass such as HVPOperator, got {operator_cls!r}.")
+        check_operator_options("SharpnessTracker", operator_cls, operator_options)
         self.builtin_extras = _check_builtin(builtin_extras)
         self.trace_products = check_positive_int(trace_products, "trace_products")
         self.extras_hooks = _check_hooks(extras)
@@ -142,7 +147,7 @@ class SharpnessTracker:
         self.hessian: ModelOperator = operator_cls(
             model, dataloader, criterion, use_gpu=use_gpu, fp16=fp16, full_dataset=True,
             max_possible_gpu_samples=max_possible_gpu_samples, params=params, eval_mode=eval_mode,
-            device=device, check_finite=check_finite,
+            device=device, check_finite=check_finite, **operator_options,
         )
         self.num_eigenthings = check_num_eigenthings(num_eigenthings, self.hessian.size)
         if isinstance(preconditioner, torch.optim.Optimizer):
