@@ -23,9 +23,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def solver_modes() -> list[str]:
     """The modes ``compute_hessian_eigenthings`` accepts, read from the library (not a copy)."""
-    from hessian_eigenthings.eigenthings import SOLVER_MODES
+    from hessian_eigenthings.solvers.registry import solver_names
 
-    return list(SOLVER_MODES)
+    return list(solver_names())
 
 
 def digits_dataset() -> torch.utils.data.TensorDataset:

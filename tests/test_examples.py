@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hessian_eigenthings.eigenthings import SOLVER_MODES
+from hessian_eigenthings.solvers import registry
+from hessian_eigenthings.solvers.registry import get_solver, solver_names
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "example"
@@ -66,9 +67,10 @@ def test_help_shows_every_options_default(name, capsys):
 
 def test_main_offers_every_mode_of_the_library(capsys, monkeypatch):
     text = help_text("main", capsys)
-    assert "{" + ",".join(["both", *SOLVER_MODES]) + "}" in text
-    # read from the library at run time, not copied: a mode added there shows up here
-    monkeypatch.setitem(SOLVER_MODES, "my_solver", SOLVER_MODES["thick_restart"])
+    assert "{" + ",".join(["both", *solver_names()]) + "}" in text
+    # read from the library at run time, not copied: a mode registered there shows up here
+    entry = get_solver("thick_restart")
+    monkeypatch.setitem(registry._REGISTRY, "my_solver", entry)
     assert "my_solver}" in help_text("main", capsys)
 
 

@@ -145,7 +145,7 @@ def backprop_diagonal(
                     found = pieces if pieces and isinstance(pieces[0], list) else [pieces]
                     sums.add(found, float(stop - start) if reduction == "mean" else 1.0, stop - start, chunk.passes)
                 bar.update(1)
-        packed, seen = guard.reduce(sums.packed(), sums.samples, torch.zeros(1, 1))
+        packed, seen, _ = guard.reduce(sums.packed(), sums.samples, torch.zeros(1, 1))
         if seen == 0:
             raise ValueError(f"{method}: every batch of the dataloader was empty; there is no loss to differentiate.")
         totals, variance = sums.unpack(packed)
