@@ -107,7 +107,7 @@ def arpack_reference():
 
 @pytest.mark.parametrize("mode", [
     pytest.param(m, marks=pytest.mark.slow) if m == "power_iter" else m  # hundreds of products per pair
-    for m in SOLVER_MODES if m != "lanczos"
+    for m in solver_names() if m != "lanczos"
 ])
 def test_main_runs_each_mode_to_a_converged_answer(mode, arpack_reference):
     """Tiny settings; every mode finds the top eigenvalues that ARPACK finds, each pair converged."""
