@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..operators.base import Operator, as_operator, runs_frozen
 from ..utils import check_num_eigenthings, check_positive_int, check_which, logger, progress
+from .momentum import AdaptiveMomentum, LastTwoIterates
 from .result import (
     EigenResult,
     check_init_vectors,
@@ -141,11 +142,12 @@ def _power_solve(
     tol = float(tol)
     if not 0 < tol < float("inf"):
         raise ValueError(f"{tol_name} must be a positive number such as 1e-4, got {tol}.")
-    momentum = float(momentum)
-    if not 0 <= momentum < float("inf"):  # also refuses NaN, which would poison every iterate
-        raise ValueError(
-            f"momentum must be a finite number >= 0 (the beta of x_(t+1) = A x_t - beta x_(t-1)), got {momentum}."
-        )
+    if momentum is not None:  # None: chosen automatically at every step
+        momentum = float(momentum)
+        if not 0 <= momentum < float("inf"):  # also refuses NaN, which would poison every iterate
+            raise ValueError(
+                f"momentum must be a finite number >= 0 (the beta of x_(t+1) = A x_t - beta x_(t-1)), got {momentum}."
+            )
     starts = check_init_vectors(init, op, k, "init_vec" if allow_k_equal_n else "init_vecs")
     randoms = random_vectors(op, k + 1, seed)
 
@@ -164,7 +166,7 @@ def _power_solve(
             # rho = |lambda_LM| makes A + rho I (or rho I - A) positive semi-definite.
             # A warm start usually holds the wanted end's top vector; it then serves both solves.
             shift_start = starts[:, 0] if starts is not None else randoms[:, k]
-            lam, vec, res = _iterate(op, shift_start, 1.0, 0.0, None, steps, tol, momentum, scale, bar)
+            lam, vec, res = _iterate(op, shift_start, 1.0, 0.0, None, steps, tol, momentum, scale)
             # ||A v|| = sqrt(lam**2 + res**2) >= |lam|. Where the solve ran out of steps between two
             # eigenvalues of nearly equal magnitude and opposite sign, v mixes them and lam is far
             # below rho, while ||A v|| is already close to it; a shift too small would make the
@@ -182,7 +184,7 @@ def _power_solve(
         while len(found_vecs) < k:
             basis = torch.stack(found_vecs, dim=1) if found_vecs else None
             lam, vec, res = _iterate(
-                op, start_vector(len(found_vecs)), sign, shift, basis, steps, tol, momentum, scale, bar
+                op, start_vector(len(found_vecs)), sign, shift, basis, steps, tol, momentum, scale
             )
             scale = torch.maximum(scale, lam.abs())
             found_vals.append(lam)
@@ -204,7 +206,7 @@ def _power_solve(
     values_list = values.tolist()
     residual_arr = residuals.double().cpu().numpy()
     converged_arr = converged.cpu().numpy()
-    if momentum > 0:
+    if momentum is not None and momentum > 0:
         # Too large a beta stalls the iteration instead of speeding it up.
         advice = (
             f"Raise {steps_name} (now {steps}), check that momentum (now {momentum:g}) is below lambda**2 / 4 "
@@ -229,15 +231,27 @@ def _power_solve(
 
 def _iterate(
     op: Operator, x0: Tensor, sign: float, shift: float, basis: Optional[Tensor], steps: int, tol: float,
-    momentum: float, scale: Tensor, bar: Any,
+    momentum: Optional[float], scale: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Power iteration on ``P (sign * A + shift I) P`` with P the projector orthogonal to ``basis``.
+
+    The steps are ``x_{t+1} = B x_t - beta x_{t-1}`` (normalised). With a number as ``momentum``,
+    ``beta`` is that number (0: plain steps). With None, ``beta`` is estimated at every step by a
+    Rayleigh-Ritz step on the last two iterates, which also offers their top Ritz vector as the
+    answer once its residual meets the tolerance (see :mod:`~hessian_eigenthings.solvers.momentum`;
+    plain steps on a stochastic operator). Stops when
+    ``||P A x - lambda x|| <= max(tol |lambda|, 10 eps max(scale, |lambda|))`` or after ``steps`` products.
 
     Returns (lambda, v, residual) where lambda = v^T A v and residual = ||P A v - lambda v||.
     """
 
     def project(v: Tensor) -> Tensor:
         return v if basis is None else v - basis @ (basis.T @ v)
+
+    floor_factor = 10 * torch.finfo(op.dtype).eps
+
+    def converged(res_f: float, lam_f: float, scale_f: float) -> bool:
+        return res_f <= max(tol * abs(lam_f), floor_factor * max(scale_f, abs(lam_f)))
 
     x = project(x0)
     norm = torch.linalg.vector_norm(x)
@@ -247,23 +261,46 @@ def _iterate(
         norm = torch.linalg.vector_norm(x)
     x = x / norm
     x_prev = torch.zeros_like(x)
-    floor_factor = 10 * torch.finfo(op.dtype).eps
+    # Automatic momentum needs a fixed operator: with a new mini-batch per product the two iterates'
+    # products come from different matrices, so the steps stay plain.
+    automatic = momentum is None and not op.is_stochastic
+    window = LastTwoIterates() if automatic else None
+    estimator = AdaptiveMomentum(sign, shift, op.dtype) if automatic else None
+    beta = 0.0 if momentum is None else float(momentum)
+    ynorm_f = 1.0
     for step in range(steps):
         ax = project(op.apply(x))
         lam = torch.dot(x, ax)
-        res = torch.linalg.vector_norm(ax - lam * x)
-        bar.update(1)
-        lam_f, res_f, scale_f = float(lam), float(res), float(scale)  # one sync per product
-        if res_f <= max(tol * abs(lam_f), floor_factor * max(scale_f, abs(lam_f))):
-            bar.update(steps - step - 1)
+        residual = ax - lam * x
+        res = torch.linalg.vector_norm(residual)
+        latest = window.step(x, ax, lam, residual) if window is not None else None
+        scalars = [lam, res, torch.as_tensor(scale, dtype=lam.dtype, device=lam.device)]
+        host = torch.stack(scalars + ([] if latest is None else list(latest.scalars))).tolist()  # one read
+        lam_f, res_f, scale_f = host[0], host[1], host[2]
+        if converged(res_f, lam_f, scale_f):
             return lam, x, res
+        if latest is not None:
+            choice = window.ritz_choice(host[3:], lam_f, sign, shift)
+            if choice is not None and converged(choice.estimated_residual, choice.value, scale_f):
+                ritz_lam, ritz_vec, ritz_res = window.ritz_vector(latest, choice.coeffs)
+                ritz_lam_f, ritz_res_f = torch.stack([ritz_lam, ritz_res]).tolist()
+                if converged(ritz_res_f, ritz_lam_f, scale_f):
+                    return ritz_lam, ritz_vec, ritz_res
         if step == steps - 1:
             break
-        y = project(sign * ax + shift * x - momentum * x_prev)
+        if estimator is None:
+            y = project(sign * ax + shift * x - beta * x_prev)
+        else:
+            if latest is not None:
+                beta = estimator.update(host[3:], lam_f, scale_f)
+            # x_prev is the previous unit iterate; the recurrence needs it over the last step's norm
+            y = project(sign * ax + shift * x - (beta / ynorm_f) * x_prev)
+            window.remember(x, ax)
         ynorm = torch.linalg.vector_norm(y)
-        if float(ynorm) == 0:
+        ynorm_f = float(ynorm)
+        if ynorm_f == 0:
             break
-        x_prev = x / ynorm
+        x_prev = x / ynorm if estimator is None else x
         x = y / ynorm
     return lam, x, res
 
