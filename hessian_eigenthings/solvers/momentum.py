@@ -72,9 +72,11 @@ def momentum_bound(ritz: tuple[float, float], sign: float, shift: float, margin:
         ``(max(0, |mu_2| - margin))**2 / 4``, with ``|mu_2|`` the smaller magnitude of the two Ritz
         values of ``B``: at most ``lambda_2(B)**2 / 4`` by interlacing. 0 when not finite.
     """
+    if not all(math.isfinite(v) for v in (*ritz, margin)):
+        return 0.0
     second = min(abs(sign * ritz[0] + shift), abs(sign * ritz[1] + shift))
     bound = second - margin
-    if not math.isfinite(bound) or bound <= 0:
+    if bound <= 0:
         return 0.0
     return bound * bound / 4
 
