@@ -234,7 +234,8 @@ class _DeflatedLanczos:
         self.deflation = deflation
         n, dtype, device = op.size, op.dtype, op.device
         self.capacity = capacity
-        self.basis = torch.empty(n, capacity + 1, dtype=dtype, device=device)
+        # The basis grows by doubling (most checks stop after a few steps; a vector is n numbers).
+        self.basis = torch.empty(n, min(capacity, 8) + 1, dtype=dtype, device=device)
         self.alphas = torch.zeros(capacity, dtype=dtype, device=device)
         self.betas = torch.zeros(capacity, dtype=dtype, device=device)
         q = self._deflate(self._deflate(start))
@@ -249,6 +250,11 @@ class _DeflatedLanczos:
         """Take steps until ``target`` Krylov vectors have been multiplied (no host read)."""
         while self.steps < min(target, self.capacity):
             j = self.steps
+            if j + 2 > self.basis.shape[1]:
+                grown = torch.empty(self.basis.shape[0], min(self.capacity, 2 * j) + 1, dtype=self.basis.dtype,
+                                    device=self.basis.device)
+                grown[:, : j + 1] = self.basis[:, : j + 1]
+                self.basis = grown
             q = self.basis[:, j]
             w = self._deflate(self.op.apply(q))
             alpha = torch.dot(q, w)
