@@ -254,3 +254,22 @@ def test_momentum_bound_is_zero_for_nonfinite_or_tiny_values():
     assert momentum_bound((1.0, 0.5), 1.0, 0.0, 0.0) == 0.25**2
     assert momentum_bound((1.0, 0.5), 1.0, 0.0, 0.6) == 0.0
     assert momentum_bound((1.0, float("nan")), 1.0, 0.0, 0.0) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_gives_the_cpu_answer(dtype):
+    a, _, _ = planted_matrix(SPECTRA["cluster"], seed=3, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    results = {}
+    for device in ("cpu", "cuda"):
+        results[device] = deflated_power_iteration(MatrixOperator(a.to(device)), 3, power_iter_steps=5000,
+                                                   power_iter_err_threshold=tol, momentum=None, to_numpy=False,
+                                                   verbose=False)
+        assert results[device].converged.all()
+    assert results["cuda"].eigenvectors.device.type == "cuda"
+    assert np.allclose(results["cuda"].eigenvalues.cpu().numpy(), results["cpu"].eigenvalues.numpy(),
+                       rtol=1e-9 if dtype == torch.float64 else 1e-5)
+    # the same method: product counts may differ only by rounding-level decisions
+    assert abs(results["cuda"].num_products - results["cpu"].num_products) <= 0.1 * results["cpu"].num_products

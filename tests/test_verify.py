@@ -222,3 +222,17 @@ def test_bad_shapes_are_refused():
         complete_multiplicities(MatrixOperator(a), lam[:2], q[:, :3], "LA", 1e-8, 0)
     with pytest.raises(ValueError, match="which"):
         complete_multiplicities(MatrixOperator(a), lam[:2], q[:, :2], "XX", 1e-8, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_keeps_every_vector_on_the_device(dtype):
+    spectrum = [5.0] * 3 + [4.0, 3.5] + _bulk(95)
+    a, _, _ = planted_matrix(spectrum, seed=3, dtype=dtype)
+    values, vectors = _solve("thick_restart", a, 3, "LA", 1e-5)
+    cuda = a.cuda()
+    done = complete_multiplicities(MatrixOperator(cuda), values.cuda(), vectors.cuda(), "LA", 1e-5, 0)
+    assert done.missed == 2 and done.vectors.device.type == "cuda" and done.values.device.type == "cuda"
+    host = type(done)(done.values.cpu(), done.vectors.cpu(), done.residuals.cpu(), done.num_products, done.missed)
+    _assert_true_top_k(a, host, 3, "LA", 1e-5 if dtype == torch.float32 else 1e-8, 1e-5)

@@ -15,18 +15,22 @@ eigenvalue of ``P A P``, and the start vector has (with probability 1) a compone
   start vector reveals one copy of a repeated eigenvalue).
 * Absence is established with a stated probability. For every polynomial ``p`` of degree below the
   number of steps m, ``||p(PAP) q|| = ||p(T_m) e_1||``, so the squared component ``c^2`` of the
-  start vector ``q`` on any eigenvector with eigenvalue ``mu`` obeys ``c^2 <= ||p(T_m) e_1||^2 /
-  p(mu)^2``. The best ``p`` gives the Christoffel function of the Lanczos (Gauss) quadrature,
-  ``1 / sum_j l_j(b)^2 / w_j`` (nodes = Ritz values, ``w_j`` their weights, ``l_j`` the Lagrange
-  basis), which bounds ``c^2`` for every eigenvalue beyond the boundary ``b`` at once (Golub &
-  Meurant, 2010, "Matrices, Moments and Quadrature with Applications", ch. 2 and 6). A random
-  Gaussian start puts a component of squared size below ``t`` on a given direction of a d-dimensional
-  space with probability at most ``sqrt(2 d t / pi)`` (the same reasoning as Kuczyński &
-  Woźniakowski, 1992, "Estimating the largest eigenvalue by the power and Lanczos algorithms with a
-  random start", SIAM J. Matrix Anal. Appl. 13(4)). The check stops when this probability of
-  having overlooked a missed eigenvalue is below :data:`MISS_PROBABILITY`, or after
-  :data:`CHECK_STEPS` products; a missed copy of a found eigenvalue further out is ruled out far
-  more surely than that, as the bound falls fast with the distance from ``b``.
+  start vector ``q`` on an eigenvector with eigenvalue ``mu`` obeys
+  ``c^2 <= ||p(T_m) e_1||^2 / p(mu)^2``. The best ``p`` gives the Christoffel function of the
+  Lanczos (Gauss) quadrature, ``1 / sum_j l_j(b)^2 / w_j`` (nodes: the Ritz values, ``w_j`` their
+  weights, ``l_j`` the Lagrange basis), which bounds ``c^2`` for every eigenvalue at the boundary
+  ``b`` or beyond it at once (on Lanczos, Gauss quadrature and Christoffel functions: Golub &
+  Meurant, 2010, "Matrices, Moments and Quadrature with Applications"). A Gaussian random start
+  has a squared component below ``t`` on a given direction of a d-dimensional space with
+  probability at most ``sqrt(2 d t / pi)`` (as in Kuczyński & Woźniakowski, 1992, "Estimating the
+  largest eigenvalue by the power and Lanczos algorithms with a random start", SIAM J. Matrix
+  Anal. Appl. 13(4)). The check stops when this probability of having overlooked a missed
+  eigenvalue is below :data:`MISS_PROBABILITY`, or after :data:`CHECK_STEPS` products. A missed
+  copy of a found eigenvalue further out than the boundary is ruled out far more surely, as the
+  bound falls fast with the distance from ``b``.
+* Ties are not misses: a further copy of the k-th value itself changes no eigenvalue. It would keep
+  the bound from falling, so once it converges it is deflated too (not returned), and the check
+  starts again.
 
 A Lanczos breakdown (an invariant Krylov space, e.g. a zero operator or k close to n) makes the
 Ritz values exact, and the check conclusive. Everything stays on the operator's device; the host
