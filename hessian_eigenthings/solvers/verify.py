@@ -54,7 +54,7 @@ from ..utils import check_seed, check_which, logger, private_generator
 # Stop when the chance that an eigenvalue beyond the k-th found one went unseen is below this.
 MISS_PROBABILITY = 0.05
 # Products a check may spend when it finds nothing (it stops earlier once MISS_PROBABILITY is met).
-CHECK_STEPS = 20
+CHECK_STEPS = 12
 # Krylov vectors kept while a missed pair converges; a longer search restarts from its Ritz vector.
 MAX_BASIS = 40
 # Products the whole completion may spend, in units of MAX_BASIS.
@@ -62,6 +62,8 @@ MAX_WORK = 12
 # A Lanczos coefficient beta below this many units of rounding (times the operator's size seen)
 # means an invariant Krylov space.
 BREAKDOWN = 100.0
+# Relative residual at which a further copy of the k-th eigenvalue (a tie) is deflated.
+TIE_TOL = 1e-4
 # Added to the caller's seed for the check's start vectors (any fixed offset: see there).
 SEED_OFFSET = 0x5DEECE66D
 
@@ -325,7 +327,8 @@ def _run_round(search: _DeflatedLanczos, found: _FoundSet, random_start: bool, t
             return _RoundOutcome()
         if exact:
             return _RoundOutcome(finished=True, probability=0.0)
-        ties = found.ties(theta) & converged
+        # A tie only needs deflating well enough to stop hiding what lies beyond it, not to tol.
+        ties = found.ties(theta) & (residual <= np.maximum(max(tol, TIE_TOL) * np.abs(theta), floor))
         if ties.any():  # another copy of the k-th value: not missed, but in the way of the bound
             keep = np.nonzero(ties)[0]
             return _RoundOutcome(theta[keep], search.ritz_vectors(y[:, keep]))
