@@ -229,7 +229,7 @@ def test_momentum_never_exceeds_lambda_2_squared_over_4(dtype, which):
         estimator = AdaptiveMomentum(sign, shift, dtype)
         ax = a @ other
         lam_x = torch.dot(other, ax)
-        step = window.step(other, ax, lam_x, ax - lam_x * other)
+        step = window.step(other, ax, ax - lam_x * other)
         beta = estimator.update(step.scalars.tolist(), float(lam_x), rho)
         assert beta <= safe * (1 + 1e-12), (trial, beta, safe)
         largest = max(largest, beta)
@@ -246,7 +246,7 @@ def test_estimate_rises_to_lambda_2_squared_over_4_during_a_solve():
     for _ in range(60):
         ax = a @ x
         lam = torch.dot(x, ax)
-        step = window.step(x, ax, lam, ax - lam * x)
+        step = window.step(x, ax, ax - lam * x)
         beta = estimator.update(step.scalars.tolist(), float(lam), 1.0) if step is not None else 0.0
         betas.append(beta)
         y = ax - (beta / ynorm) * x_prev
@@ -280,3 +280,24 @@ def test_cuda_gives_the_cpu_answer(dtype):
                        rtol=1e-9 if dtype == torch.float64 else 1e-5)
     # the same method: product counts may differ only by rounding-level decisions
     assert abs(results["cuda"].num_products - results["cpu"].num_products) <= 0.1 * results["cpu"].num_products
+
+
+def test_window_ritz_residual_estimate_matches_the_measured_one():
+    a, _, q = planted_matrix(SPECTRA["outliers"], seed=6)
+    gen = torch.Generator().manual_seed(2)
+    window = LastTwoIterates()
+    for closeness in (1.0, 1e-2, 1e-4):
+        first = q[:, :2] @ torch.randn(2, generator=gen, dtype=torch.float64)
+        first = first + closeness * torch.randn(100, generator=gen, dtype=torch.float64)
+        first = first / torch.linalg.vector_norm(first)
+        second = a @ first
+        second = second / torch.linalg.vector_norm(second)
+        window.remember(first, a @ first)
+        ax = a @ second
+        lam = torch.dot(second, ax)
+        step = window.step(second, ax, ax - lam * second)
+        choice = window.ritz_choice(step.scalars.tolist(), float(lam), 1.0, 0.0)
+        ritz_lam, ritz_vec, ritz_res = window.ritz_vector(step, choice.coeffs)
+        assert abs(float(ritz_lam) - choice.value) <= 1e-12 * 10
+        measured = float(torch.linalg.vector_norm(a @ ritz_vec - ritz_lam * ritz_vec))
+        assert abs(measured - float(ritz_res)) <= 1e-12 and abs(measured - choice.estimated_residual) <= 1e-7 * measured + 1e-12

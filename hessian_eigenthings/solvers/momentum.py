@@ -123,12 +123,12 @@ class LastTwoIterates:
         """Keep the newest iterate (unit norm) and its product for the next step."""
         self._x_last, self._ax_last = x, ax
 
-    def step(self, x: Tensor, ax: Tensor, lam: Tensor, residual: Tensor) -> Optional[WindowStep]:
+    def step(self, x: Tensor, ax: Tensor, residual: Tensor) -> Optional[WindowStep]:
         """Device-side Rayleigh-Ritz data of ``span{x_last, x}``; None before there are two iterates.
 
         Args:
-            x: the newest iterate (unit norm); ``ax`` its (projected) product.
-            lam: ``x^T A x``; ``residual``: the vector ``A x - lam x``.
+            x: the newest iterate (unit norm); ``ax`` its (projected) product; ``residual`` the
+                vector ``A x - (x^T A x) x``.
         """
         if self._x_last is None:
             return None

@@ -278,7 +278,7 @@ def _iterate(
         lam = torch.dot(x, ax)
         residual = ax - lam * x
         res = torch.linalg.vector_norm(residual)
-        latest = window.step(x, ax, lam, residual) if window is not None else None
+        latest = window.step(x, ax, residual) if window is not None else None
         scalars = [lam, res, torch.as_tensor(scale, dtype=lam.dtype, device=lam.device)]
         host = torch.stack(scalars + ([] if latest is None else list(latest.scalars))).tolist()  # one read
         lam_f, res_f, scale_f = host[0], host[1], host[2]
