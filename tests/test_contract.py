@@ -253,7 +253,7 @@ def test_the_repeated_eigenvalue_check_runs_when_every_pair_converged(monkeypatc
     assert values.shape == (k,) and vectors.shape == (N, k) and which == "SA" and tol == 1e-8 and seed == 5
     assert np.allclose(vectors.T @ vectors, np.eye(k), atol=1e-10)
     assert np.allclose(top(k, result), [-8.0, -4.0][:k], rtol=1e-9)
-    assert result.info["multiplicity_check"] == {"products": 3, "missed": 1}
+    assert result.info["multiplicity_check"] == {"products": 3, "missed": 1, "miss_probability": 0.0}
     calls.clear()
     SOLVERS[solver](a, which="SA", verbose=False, check_multiplicity=False)
     assert calls == []  # turned off

@@ -99,7 +99,7 @@ def test_exact_zero_residual_and_zero_operator():
     diag = torch.linspace(1.0, 50.0, 200, dtype=torch.float64)
     op = LambdaOperator(lambda v: diag * v, 200, dtype=torch.float64)
     exact = torch.eye(200, dtype=torch.float64)[[199, 198, 197]]
-    result = thick_restart_lanczos(op, 3, which="LA", init_vecs=exact, verbose=False)
+    result = thick_restart_lanczos(op, 3, which="LA", init_vecs=exact, verbose=False, check_multiplicity=False)
     assert np.allclose(result.eigenvalues, [50.0, 50.0 - 49 / 199, 50.0 - 98 / 199], rtol=1e-12)
     assert np.all(abs_cosines(result.eigenvectors, exact.numpy()) >= 1 - 1e-12)
     assert result.num_products <= 6
@@ -228,7 +228,8 @@ def test_no_host_read_per_product(monkeypatch):
         with monkeypatch.context() as patch:
             for name in ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy", "cpu", "to"):
                 patch.setattr(torch.Tensor, name, spy(name))
-            result = solve(op, 6, which="SA", tol=1e-8, verbose=False, **extra)
+            # the solver's own reads (the repeated-eigenvalue check after it is tested in test_verify.py)
+            result = solve(op, 6, which="SA", tol=1e-8, verbose=False, check_multiplicity=False, **extra)
         distinct = set(reads_at) - {start}
         products = count["products"] - start
         print(f"{solve.__name__}: {products} products, {result.info['checks']} checkpoints, host reads at "

@@ -137,8 +137,9 @@ def lanczos(
             del vectors
             advice = ("ARPACK reported convergence, but the residuals measured afterwards are larger (is the "
                       "operator symmetric and deterministic?).")
-    finally:
-        op.close()
+    except BaseException:
+        op.close()  # on success, finish() closes it after its own products (the multiplicity check)
+        raise
     return finish(setup, values_t, rows, residuals, info={"ncv": ncv}, advice=advice)
 
 

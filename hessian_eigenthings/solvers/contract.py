@@ -239,7 +239,8 @@ def finish(
         completion = complete_multiplicities(
             view, values.to(device=device, dtype=dtype), vectors.T, setup.which, setup.tol, setup.seed
         )
-        info["multiplicity_check"] = {"products": completion.num_products, "missed": completion.missed}
+        info["multiplicity_check"] = {"products": completion.num_products, "missed": completion.missed,
+                                      "miss_probability": completion.miss_probability}
         if completion.missed:
             # the check returned other pairs: theirs replace the solver's
             values = completion.values.detach().to("cpu", torch.float64)

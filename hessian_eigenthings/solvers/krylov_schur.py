@@ -306,8 +306,9 @@ def native_solve(
         with op.deferred_checks():
             outcome = krylov_schur(op, k, setup.which, start_block(setup.starts, random_vectors(op, b, setup.seed)),
                                    basis_size, keep, max_steps, setup.tol, generator, op.bar)
-    finally:
-        op.close()
+    except BaseException:
+        op.close()  # on success, finish() closes it after its own products (the multiplicity check)
+        raise
     advice = f"Raise max_steps (now {max_steps}) or num_lanczos_vectors (now {basis_size}), or loosen tol."
     info = {"block_size": b, "basis_size": basis_size, "keep": keep, "restarts": outcome.restarts,
             "checks": outcome.checks}

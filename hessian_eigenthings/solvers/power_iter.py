@@ -35,6 +35,7 @@ from ..operators.base import Operator, runs_frozen
 from ..utils import private_generator
 from .contract import Setup, check_in, finish, pick
 from .inplace import orthonormalize_rows_, right_multiply_
+from .momentum import AdaptiveMomentum, LastTwoIterates
 from .memory import check_fixed_memory, power_memory
 from .result import EigenResult, order_by_which, random_vectors
 
@@ -207,8 +208,9 @@ def _power_solve(
     op.bar.total = steps * (k + (setup.which != "LM")) + (k if k > 1 else 0)
     try:
         values, vectors, residuals = _search(setup, steps, momentum)
-    finally:
-        op.close()
+    except BaseException:
+        op.close()  # on success, finish() closes it after its own products (the multiplicity check)
+        raise
     return finish(setup, values, vectors, residuals, advice=_advice(setup, steps, momentum))
 
 
@@ -300,12 +302,31 @@ def _iterate(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Power iteration on ``P (sign * A + shift I) P`` with P the projector orthogonal to ``basis``.
 
+    The steps are ``x_{t+1} = B x_t - beta x_{t-1}`` (normalised). With a number as ``momentum``,
+    ``beta`` is that number (0: plain steps). With None, ``beta`` is estimated at every step by a
+    Rayleigh-Ritz step on the last two iterates, which also offers their top Ritz vector as the
+    answer once its residual meets the tolerance (see :mod:`~hessian_eigenthings.solvers.momentum`;
+    plain steps on a stochastic operator). Stops when
+    ``||P A x - lambda x|| <= max(tol |lambda|, 10 eps max(scale, |lambda|))`` (the automatic mode
+    aims at ``tol / 2`` when ``basis`` is given) or after ``steps`` products.
+
     Returns (lambda, v, residual) where lambda = v^T A v and residual = ||P A v - lambda v||.
     """
-    momentum = 0.0 if momentum is None else momentum  # PLACEHOLDER until the adaptive choice lands
 
     def project(v: Tensor) -> Tensor:
         return v if basis is None else v - basis @ (basis.T @ v)
+
+    floor_factor = 10 * torch.finfo(op.dtype).eps
+    # Automatic momentum needs a fixed operator: with a new mini-batch per product the two iterates'
+    # products come from different matrices, so on a stochastic operator the steps stay plain.
+    automatic = momentum is None and not op.is_stochastic
+    # The automatic mode stops a deflated search at half the tolerance: its Ritz vectors stop just
+    # below the target, and the final Rayleigh-Ritz of the caller mixes each pair with the coupling
+    # to the pairs found before it, which can lift a residual sitting at the target just above it.
+    target = tol / 2 if automatic and basis is not None else tol
+
+    def converged(res_f: float, lam_f: float, scale_f: float) -> bool:
+        return res_f <= max(target * abs(lam_f), floor_factor * max(scale_f, abs(lam_f)))
 
     x = project(x0)
     norm = torch.linalg.vector_norm(x)
@@ -315,21 +336,43 @@ def _iterate(
         norm = torch.linalg.vector_norm(x)
     x = x / norm
     x_prev = torch.zeros_like(x)
-    floor_factor = 10 * torch.finfo(op.dtype).eps
+    window = LastTwoIterates() if automatic else None
+    estimator = AdaptiveMomentum(sign, shift, op.dtype) if automatic else None
+    beta = 0.0 if momentum is None else float(momentum)
+    ynorm_f = 1.0
     for step in range(steps):
         ax = project(op.apply(x))
         lam = torch.dot(x, ax)
-        res = torch.linalg.vector_norm(ax - lam * x)
-        lam_f, res_f, scale_f = float(lam), float(res), float(scale)  # one sync per product
-        if res_f <= max(tol * abs(lam_f), floor_factor * max(scale_f, abs(lam_f))):
+        residual = ax - lam * x
+        res = torch.linalg.vector_norm(residual)
+        latest = window.step(x, ax, residual) if window is not None else None
+        scalars = [lam, res, torch.as_tensor(scale, dtype=lam.dtype, device=lam.device)]
+        host = torch.stack(scalars + ([] if latest is None else list(latest.scalars))).tolist()  # one read
+        lam_f, res_f, scale_f = host[0], host[1], host[2]
+        if converged(res_f, lam_f, scale_f):
             return lam, x, res
+        if latest is not None:
+            choice = window.ritz_choice(host[3:], lam_f, sign, shift)
+            if choice is not None and converged(choice.estimated_residual, choice.value, scale_f):
+                ritz_lam, ritz_vec, ritz_res = window.ritz_vector(latest, choice.coeffs)
+                ritz_lam_f, ritz_res_f = torch.stack([ritz_lam, ritz_res]).tolist()
+                if converged(ritz_res_f, ritz_lam_f, scale_f):
+                    return ritz_lam, ritz_vec, ritz_res
         if step == steps - 1:
             break
-        y = project(sign * ax + shift * x - momentum * x_prev)
+        if estimator is None:
+            y = project(sign * ax + shift * x - beta * x_prev)
+        else:
+            if latest is not None:
+                beta = estimator.update(host[3:], lam_f, scale_f)
+            # x_prev is the previous unit iterate; the recurrence needs it over the last step's norm
+            y = project(sign * ax + shift * x - (beta / ynorm_f) * x_prev)
+            window.remember(x, ax)
         ynorm = torch.linalg.vector_norm(y)
-        if float(ynorm) == 0:
+        ynorm_f = float(ynorm)
+        if ynorm_f == 0:
             break
-        x_prev = x / ynorm
+        x_prev = x / ynorm if estimator is None else x
         x = y / ynorm
     return lam, x, res
 
