@@ -27,7 +27,10 @@ def test_warm_step_is_several_times_cheaper_and_as_accurate(k):
     x, y = classification_data()
     loader = batches(x, y, [500, 12])
     gd(model, x, y, lr=0.5, steps=30)  # away from the initialisation
-    tracker = SharpnessTracker(model, loader, F.cross_entropy, num_eigenthings=k, tol=TOL, builtin_extras=())
+    # the solves' own products: the repeated-eigenvalue check after each solve (on by default) costs a
+    # cold and a warm step about the same handful of products (tested below)
+    tracker = SharpnessTracker(model, loader, F.cross_entropy, num_eigenthings=k, tol=TOL, builtin_extras=(),
+                               solver_kwargs={"check_multiplicity": False})
     cold = tracker.step(0)
     gd(model, x, y, lr=0.5, steps=1)  # one training step: a small parameter change
     warm = tracker.step(1)
@@ -49,6 +52,22 @@ def test_warm_step_is_several_times_cheaper_and_as_accurate(k):
     before = tracker.hessian.num_products
     lanczos(tracker.hessian, k, which="LA", tol=TOL, num_lanczos_vectors=k + 4, max_steps=200, verbose=False)
     assert warm.products < tracker.hessian.num_products - before
+
+
+def test_tracked_steps_check_for_repeated_eigenvalues_by_default():
+    model = small_mlp()
+    x, y = classification_data()
+    loader = batches(x, y, [500, 12])
+    gd(model, x, y, lr=0.5, steps=30)
+    checked = SharpnessTracker(model, loader, F.cross_entropy, num_eigenthings=2, tol=TOL, builtin_extras=())
+    unchecked = SharpnessTracker(model, loader, F.cross_entropy, num_eigenthings=2, tol=TOL, builtin_extras=(),
+                                 solver_kwargs={"check_multiplicity": False})
+    for step in (0, 1):
+        with_check, without = checked.step(step), unchecked.step(step)
+        np.testing.assert_allclose(with_check.eigenvalues, without.eigenvalues, rtol=TOL)
+        # the check spends a few products (at most 12 when it finds nothing), the rest is the same solve
+        assert 1 <= with_check.products - without.products <= 12
+        gd(model, x, y, lr=0.5, steps=1)
 
 
 def test_warm_start_after_a_failed_short_solve_keeps_the_answer_right():
