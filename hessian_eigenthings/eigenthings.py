@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from torch import Tensor, nn
 
@@ -26,7 +26,7 @@ def compute_hessian_eigenthings(
     mode: str = "auto",
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+    max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     **kwargs: Any,
 ) -> EigenResult:
     """Top ``num_eigenthings`` eigenpairs of the Hessian of ``loss(model(x), y)`` over ``dataloader``.

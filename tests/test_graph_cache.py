@@ -58,8 +58,20 @@ def counted(mlp_problem):
     counter.close()
 
 
+@pytest.fixture(autouse=True)
+def micro_batches_of_256_rows(monkeypatch):
+    """Kept work is per micro-batch: these tests split every batch into micro-batches of 256 rows, as
+    a GPU's default does (a CPU's default uses batches whole)."""
+    from hessian_eigenthings.operators import model_operator, options
+
+    def resolve(value, device):
+        return options.resolve_max_possible_gpu_samples(256 if value is None else value, device)
+
+    monkeypatch.setattr(model_operator, "resolve_max_possible_gpu_samples", resolve)
+
+
 def micro_batches(loader, step=256):
-    """Micro-batches of a list loader at the default max_possible_gpu_samples (256)."""
+    """Micro-batches of a list loader at 256 rows (see micro_batches_of_256_rows)."""
     return sum(-(-len(x) // step) for x, _ in loader)
 
 

@@ -18,7 +18,11 @@ from hessian_eigenthings import (
     hessian_trace,
     loss_hessian,
 )
-from hessian_eigenthings.operators.options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, operator_options
+from hessian_eigenthings.operators.options import (
+    DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+    operator_options,
+    resolve_max_possible_gpu_samples,
+)
 from hessian_eigenthings.spectrum.api import curvature_operator
 from helpers import classification_data, small_mlp
 
@@ -94,4 +98,17 @@ def test_one_default_for_max_possible_gpu_samples():
     for function in (HVPOperator.__init__, GGNOperator.__init__, compute_hessian_eigenthings, hessian_trace,
                      hessian_diagonal, hessian_density, loss_hessian, SharpnessTracker.__init__, curvature_operator):
         default = inspect.signature(function).parameters["max_possible_gpu_samples"].default
-        assert default == DEFAULT_MAX_POSSIBLE_GPU_SAMPLES == 256, function
+        assert default is DEFAULT_MAX_POSSIBLE_GPU_SAMPLES is None, function
+
+
+def test_the_default_micro_batch_is_the_whole_batch_on_a_cpu_and_256_rows_on_a_gpu():
+    assert resolve_max_possible_gpu_samples(None, "cpu") >= 2**31
+    assert resolve_max_possible_gpu_samples(None, "cuda") == 256
+    assert resolve_max_possible_gpu_samples(64, "cpu") == resolve_max_possible_gpu_samples(64, "cuda") == 64
+    with pytest.raises(ValueError, match="max_possible_gpu_samples"):
+        resolve_max_possible_gpu_samples(0, "cpu")
+    model = small_mlp(width=6)
+    x, y = classification_data(num=600)
+    assert HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False).max_possible_gpu_samples >= 600
+    assert HVPOperator(model, [(x, y)], F.cross_entropy, use_gpu=False,
+                       max_possible_gpu_samples=256).max_possible_gpu_samples == 256

@@ -149,7 +149,7 @@ class HVPOperator(ModelOperator):
         use_gpu: bool = True,
         fp16: bool = False,
         full_dataset: bool = True,
-        max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+        max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
         *,
         backend: str = "auto",
         batched: Optional[bool] = None,

@@ -33,7 +33,7 @@ from .batches import BatchReader, MicroBatch
 from .compute_model import ComputeModel
 from .finite import Check, FiniteChecks, NonFiniteError
 from .graph_cache import WorkKeeper, model_state_key
-from .options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES
+from .options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, resolve_max_possible_gpu_samples
 from .precision import autocast_context, resolve_precision
 from .reduction import ReductionProbe, WeightedSum, finish, resolve_reduction
 
@@ -116,7 +116,7 @@ class ModelOperator(Operator):
         use_gpu: bool = True,
         fp16: bool = False,
         full_dataset: bool = True,
-        max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+        max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
         *,
         params: ParamSpec = None,
         eval_mode: bool = True,
@@ -151,7 +151,8 @@ class ModelOperator(Operator):
             )
         dataloader = as_batches(dataloader)
         check_reiterable(dataloader, full_dataset)
-        max_possible_gpu_samples = check_positive_int(max_possible_gpu_samples, "max_possible_gpu_samples")
+        if max_possible_gpu_samples is not None:
+            check_positive_int(max_possible_gpu_samples, "max_possible_gpu_samples")
         cache_max_bytes = check_positive_int(cache_max_bytes, "cache_max_bytes")
         if graph_cache_max_bytes is not None:
             check_positive_int(graph_cache_max_bytes, "graph_cache_max_bytes")
@@ -163,6 +164,7 @@ class ModelOperator(Operator):
         else:
             target = torch.device("cuda")
         self.precision = resolve_precision(precision, bool(fp16), target)
+        max_possible_gpu_samples = resolve_max_possible_gpu_samples(max_possible_gpu_samples, target)
         super().__init__(sum(p.numel() for p in chosen), common_dtype(chosen), target)
 
         self.model = model

@@ -37,7 +37,7 @@ def curvature_operator(
     full_dataset: bool = True,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+    max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     **operator_kwargs: Any,
 ) -> ModelOperator:
     """The operator of ``curvature``: "hessian" (:class:`HVPOperator`), "ggn" (:class:`GGNOperator`)
@@ -65,7 +65,7 @@ def hessian_trace(
     full_dataset: bool = True,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+    max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     curvature: str = "hessian",
     **kwargs: Any,
 ) -> TraceEstimate:
@@ -105,7 +105,7 @@ def hessian_density(
     num_steps: int = 80,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+    max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     curvature: str = "hessian",
     **kwargs: Any,
 ) -> SpectralDensity:
@@ -142,7 +142,7 @@ def hessian_diagonal(
     full_dataset: bool = True,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+    max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     curvature: str = "hessian",
     method: Optional[str] = None,
     **kwargs: Any,

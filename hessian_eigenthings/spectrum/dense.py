@@ -125,7 +125,7 @@ def loss_hessian(
     by_parameter: bool = False,
     use_gpu: bool = True,
     fp16: bool = False,
-    max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+    max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
     eval_mode: bool = True,
     device: Any = None,
     check_finite: bool = True,

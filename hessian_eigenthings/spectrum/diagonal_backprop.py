@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from .. import distributed
 from ..data import call_model, check_reiterable, move_to, num_samples, slice_samples, split_batch
 from ..model_utils import ParamSpec, common_device, common_dtype, preserved_model_state, select_parameters
-from ..utils import check_bool, check_positive_int, logger, progress, resolve_device
+from ..operators.options import resolve_max_possible_gpu_samples
+from ..utils import check_bool, logger, progress, resolve_device
 from .loss_curvature import batch_reduction, declared_reduction
 
 
@@ -85,7 +86,7 @@ def backprop_diagonal(
     eval_mode: bool = True,
     device: Any = None,
     use_gpu: bool = True,
-    max_possible_gpu_samples: int = 256,
+    max_possible_gpu_samples: Optional[int] = None,
     verbose: bool = True,
     check_model: Optional[Callable[[nn.Module, list[str], list[Tensor]], Any]] = None,
 ) -> BackpropResult:
@@ -113,10 +114,10 @@ def backprop_diagonal(
     eval_mode = check_bool(eval_mode, "eval_mode")
     use_gpu = check_bool(use_gpu, "use_gpu")
     verbose = check_bool(verbose, "verbose")
-    step = check_positive_int(max_possible_gpu_samples, "max_possible_gpu_samples")
     dtype = common_dtype(chosen)
     model_device = common_device(chosen)
     target = resolve_compute_device(model_device, device, use_gpu)
+    step = resolve_max_possible_gpu_samples(max_possible_gpu_samples, target)
     size = sum(p.numel() for p in chosen)
 
     with _untouched_random_state(target), preserved_model_state(model, eval_mode, restore_buffers=True):

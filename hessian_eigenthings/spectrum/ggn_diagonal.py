@@ -250,7 +250,7 @@ def ggn_diagonal(
     eval_mode: bool = True,
     device: Any = None,
     use_gpu: bool = True,
-    max_possible_gpu_samples: int = 256,
+    max_possible_gpu_samples: Optional[int] = None,
     verbose: bool = True,
 ) -> DiagonalEstimate:
     """The diagonal of the generalized Gauss-Newton matrix of ``loss(model(inputs), targets)`` over

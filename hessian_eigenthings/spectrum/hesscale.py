@@ -362,7 +362,7 @@ def hesscale_diagonal(
     eval_mode: bool = True,
     device: Any = None,
     use_gpu: bool = True,
-    max_possible_gpu_samples: int = 256,
+    max_possible_gpu_samples: Optional[int] = None,
     verbose: bool = True,
 ) -> DiagonalEstimate:
     """HesScale's approximation of the diagonal of the loss Hessian (or, with ``curvature="ggn"``,

@@ -113,7 +113,7 @@ class SharpnessTracker:
         operator_cls: type = HVPOperator,
         use_gpu: bool = True,
         fp16: bool = False,
-        max_possible_gpu_samples: int = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
+        max_possible_gpu_samples: Optional[int] = DEFAULT_MAX_POSSIBLE_GPU_SAMPLES,
         params: Any = None,
         eval_mode: bool = True,
         device: Any = None,
