@@ -246,8 +246,10 @@ def test_the_repeated_eigenvalue_check_runs_when_every_pair_converged(monkeypatc
                           dtype=torch.float64), 3, 1)
 
     monkeypatch.setattr(contract_module, "complete_multiplicities", check)
-    result = SOLVERS[solver](a, which="SA", seed=5, verbose=False, tol=1e-8)
     k = 1 if solver == "power_iteration" else 2
+    # with k = 1 the check runs for a given start vector only (a random one reaches the top pair)
+    start = {"init_vec": torch.ones(N, dtype=torch.float64)} if k == 1 else {}
+    result = SOLVERS[solver](a, which="SA", seed=5, verbose=False, tol=1e-8, **start)
     assert len(calls) == 1
     values, vectors, which, tol, seed = calls[0]
     assert values.shape == (k,) and vectors.shape == (N, k) and which == "SA" and tol == 1e-8 and seed == 5
@@ -255,8 +257,11 @@ def test_the_repeated_eigenvalue_check_runs_when_every_pair_converged(monkeypatc
     assert np.allclose(top(k, result), [-8.0, -4.0][:k], rtol=1e-9)
     assert result.info["multiplicity_check"] == {"products": 3, "missed": 1, "miss_probability": 0.0}
     calls.clear()
-    SOLVERS[solver](a, which="SA", verbose=False, check_multiplicity=False)
+    SOLVERS[solver](a, which="SA", verbose=False, check_multiplicity=False, **start)
     assert calls == []  # turned off
+    if k == 1:
+        SOLVERS[solver](a, which="SA", verbose=False, tol=1e-8)
+        assert calls == []  # k = 1 from a random start: the answer cannot change
     if solver != "lanczos":  # ARPACK raises instead of returning unconverged pairs
         short = {"num_lanczos_vectors": 6} if solver in KRYLOV else {}
         with pytest.warns(ConvergenceWarning):
