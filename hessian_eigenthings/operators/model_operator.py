@@ -33,6 +33,7 @@ from .batches import BatchReader, MicroBatch
 from .compute_model import ComputeModel
 from .finite import Check, FiniteChecks, NonFiniteError
 from .graph_cache import WorkKeeper, model_state_key
+from ..threads import check_cpu_threads
 from .options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, resolve_max_possible_gpu_samples
 from .precision import autocast_context, resolve_precision
 from .reduction import ReductionProbe, WeightedSum, finish, resolve_reduction
@@ -165,6 +166,7 @@ class ModelOperator(Operator):
             target = torch.device("cuda")
         self.precision = resolve_precision(precision, bool(fp16), target)
         max_possible_gpu_samples = resolve_max_possible_gpu_samples(max_possible_gpu_samples, target)
+        check_cpu_threads(target)  # warns once per process when torch's threads oversubscribe the cores
         super().__init__(sum(p.numel() for p in chosen), common_dtype(chosen), target)
 
         self.model = model
