@@ -79,7 +79,7 @@ __all__ += [
     "hessian_diagonal",
 ]
 
-# sharpness tracking during training, and diagonal preconditioning (issue 4)
+# sharpness tracking during training, and diagonal preconditioning
 from .operators.preconditioned import PreconditionedOperator, adam_preconditioner  # noqa: E402
 from .tracking import SharpnessRecord, SharpnessTracker, plot_log, read_log  # noqa: E402
 

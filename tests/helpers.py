@@ -44,7 +44,7 @@ def planted_matrix(eigenvalues: Sequence[float], seed: int = 0, dtype=torch.floa
 
 
 def exact_top(matrix: Tensor, k: int, which: str = "LM") -> tuple[np.ndarray, np.ndarray]:
-    """Reference eigenpairs by numpy.linalg.eigh, ordered as DESIGN.md says; vectors as rows (k, n)."""
+    """Reference eigenpairs by numpy.linalg.eigh, ordered most extreme first in the sense of which; vectors as rows (k, n)."""
     vals, vecs = np.linalg.eigh(matrix.detach().cpu().double().numpy())
     if which == "LM":
         order = np.argsort(-np.abs(vals), kind="stable")

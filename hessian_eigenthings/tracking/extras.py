@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..operators.base import Operator
 from ..operators.model_operator import ModelOperator
 from ..spectrum.trace import hutchpp_trace
+from ..utils import preserved_global_rng
 
 # The built-in extras a record carries by default, and those that can be asked for by name.
 BUILTIN_EXTRAS = ("loss", "grad_norm")
@@ -50,22 +51,15 @@ class TrackingContext:
 
 @contextlib.contextmanager
 def preserved_rng_state() -> Iterator[None]:
-    """Run a block and restore the global random states afterwards, also when it raises: torch's CPU
-    generator, the CUDA generator of every device (when CUDA is initialised), Python's ``random``
+    """Run a block and restore the global random states afterwards, also when it raises: torch's
+    (CPU and CUDA, see :func:`~hessian_eigenthings.utils.preserved_global_rng`), Python's ``random``
     and numpy's global ``np.random`` state."""
-    cpu = torch.get_rng_state()
-    cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = [torch.cuda.get_rng_state(device) for device in range(torch.cuda.device_count())]
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     try:
-        yield
+        with preserved_global_rng():
+            yield
     finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            for device, state in enumerate(cuda):
-                torch.cuda.set_rng_state(state, device)
         random.setstate(python_state)
         np.random.set_state(numpy_state)
 
