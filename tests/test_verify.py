@@ -240,3 +240,40 @@ def test_cuda_keeps_every_vector_on_the_device(dtype):
     assert done.missed == 2 and done.vectors.device.type == "cuda" and done.values.device.type == "cuda"
     host = type(done)(done.values.cpu(), done.vectors.cpu(), done.residuals.cpu(), done.num_products, done.missed)
     _assert_true_top_k(a, host, 3, "LA", 1e-5 if dtype == torch.float32 else 1e-8, 1e-5)
+
+
+# -- end to end: every solver, with the check its shared finish runs --------------------------------
+
+def _every_solver():
+    from hessian_eigenthings import block_lanczos, compute_hessian_eigenthings, deflated_power_iteration  # noqa: F401
+
+    return {
+        "power_iter": lambda a, k, which: deflated_power_iteration(a, k, which=which, tol=1e-8, verbose=False),
+        "lanczos": lambda a, k, which: lanczos(a, k, which=which, tol=1e-8, verbose=False),
+        "thick_restart": lambda a, k, which: thick_restart_lanczos(a, k, which=which, tol=1e-8, verbose=False),
+        "block_lanczos": lambda a, k, which: block_lanczos(a, k, which=which, tol=1e-8, block_size=2, verbose=False),
+    }
+
+
+@pytest.mark.parametrize("multiplicity", [2, 3, 4, 5])
+@pytest.mark.parametrize("solver", ["power_iter", "lanczos", "thick_restart", "block_lanczos"])
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_every_solver_returns_every_copy_of_a_repeated_eigenvalue(solver, multiplicity, which):
+    """A top eigenvalue repeated `multiplicity` times and two more wanted pairs below it: each solver
+    returns all copies (block Lanczos with a block narrower than the multiplicity included), flagged
+    converged, with vectors spanning the repeated eigenspace."""
+    sign = 1.0 if which == "LA" else -1.0
+    spectrum = [sign * 5.0] * multiplicity + [sign * 4.0, sign * 3.5] + list(sign * np.linspace(-2.0, 3.0, 90))
+    a, _, q = planted_matrix(spectrum, seed=multiplicity)
+    k = multiplicity + 2
+    result = _every_solver()[solver](a, k, which)
+    expected = np.array(spectrum[:k])
+    assert result.converged.all(), (solver, result.eigenvalues)
+    np.testing.assert_allclose(result.eigenvalues, expected, rtol=1e-7, atol=1e-7)
+    # the returned vectors of the repeated value span its whole eigenspace
+    vectors = np.asarray(result.eigenvectors, dtype=np.float64)[:multiplicity]
+    eigenspace = q[:, :multiplicity].numpy()
+    overlap = np.linalg.svd(vectors @ eigenspace, compute_uv=False)
+    assert overlap.min() > 1 - 1e-6, overlap
+    check = result.info["multiplicity_check"]
+    assert check["missed"] >= 0 and check["products"] >= 1
