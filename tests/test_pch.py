@@ -391,6 +391,17 @@ def test_solvers_and_the_curvature_helpers_take_it():
     assert abs(trace.estimate - float(exact.sum())) < 4 * trace.std_error + 1e-9
 
 
+def test_reduced_precision_products_are_close_to_exact():
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
+    x, y = classification_data(num=20, din=4, classes=3, seed=18, dtype=torch.float32)
+    v = torch.randn(83, generator=torch.Generator().manual_seed(4))
+    exact = PCHOperator(model, [(x, y)], F.cross_entropy, use_gpu=False).apply(v)
+    low = PCHOperator(model, [(x, y)], F.cross_entropy, use_gpu=False, precision="bf16", reduction="mean").apply(v)
+    assert low.dtype == torch.float32
+    assert 0 < float((low - exact).norm() / exact.norm()) < 0.03  # bfloat16 arithmetic, not exact
+
+
 # -- what is refused -------------------------------------------------------------------------
 def test_unknown_options_are_refused():
     model = mlp(13)

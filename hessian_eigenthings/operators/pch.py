@@ -221,7 +221,7 @@ class PCHOperator(ModelOperator):
                 continue  # linear where evaluated: no residual
             second = torch.autograd.grad(first, call.pre, torch.ones_like(first), retain_graph=True)[0]
             pre.append(call.pre)
-            weights.append(modify(second.detach() * grad_post.detach()))
+            weights.append(modify(second.detach() * grad_post.detach()).to(call.pre.dtype))
         return pre, weights
 
     def work_bytes(self, work: _PCHWork) -> int:
