@@ -225,8 +225,15 @@ def test_positive_semi_definite_where_the_hessian_blocks_are_not():
         values = torch.linalg.eigvalsh(dense(PCHOperator(model, loader, F.cross_entropy, use_gpu=False,
                                                          residual=residual)))
         assert values[0] >= -1e-12 * values[-1], (residual, values[0])
-    abs_, clip = (dense(PCHOperator(model, loader, F.cross_entropy, use_gpu=False, residual=r)) for r in ("abs", "clip"))
+    abs_, clip, drop = (dense(PCHOperator(model, loader, F.cross_entropy, use_gpu=False, residual=r))
+                        for r in ("abs", "clip", "drop"))
     assert (abs_ - clip).norm() > 1e-3 * abs_.norm()  # negative residuals exist, and the two treat them apart
+    # abs >= clip >= keep and clip >= drop in the Loewner order (their differences are sums of
+    # J^T diag(nonnegative) J), so by Weyl's inequality the sorted eigenvalues are ordered alike
+    ordered = [torch.linalg.eigvalsh(m) for m in (abs_, clip, hessian_blocks, drop)]
+    slack = 1e-12 * ordered[0][-1]
+    assert (ordered[0] >= ordered[1] - slack).all() and (ordered[1] >= ordered[2] - slack).all()
+    assert (ordered[1] >= ordered[3] - slack).all()
 
 
 def test_equals_the_hessian_blocks_when_every_residual_is_positive():
@@ -504,6 +511,41 @@ def test_unsupported_operations_before_the_chosen_parameters_are_constants():
     features = model[1](model[0](x)).detach()
     head = copy.deepcopy(nn.Sequential(model[2], model[3], model[4]))
     assert torch.allclose(dense(op), hbp_reference(head, features, y, F.cross_entropy, "abs"), **TOL)
+
+
+def _distributed_rank(rank: int, folder: str) -> None:
+    """One of two gloo ranks: its own uneven shard, the PCH's block product, saved for the test."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = mlp(19)
+        x, y = classification_data(num=30, din=4, classes=3, seed=19)
+        shard = batches(x[:18], y[:18], [12, 6]) if rank == 0 else batches(x[18:], y[18:], [12])
+        block = torch.randn(83, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        op = PCHOperator(model, shard, F.cross_entropy, use_gpu=False, max_possible_gpu_samples=5 if rank else 100)
+        torch.save({"block": op.apply_block(block), "num_samples": op.num_samples}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_uneven_shards_give_the_whole_dataset_pch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    model = mlp(19)
+    x, y = classification_data(num=30, din=4, classes=3, seed=19)
+    block = torch.randn(83, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = hbp_reference(model, x, y, F.cross_entropy, "abs") @ block
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["num_samples"] == 30
+        assert torch.allclose(out["block"], expected, **TOL)
 
 
 @pytest.mark.gpu
