@@ -291,6 +291,70 @@ def test_convolutional_network_matches_the_unrolled_definition():
     assert torch.allclose(keep, block_diagonal(dense_loss_hessian(model, F.cross_entropy, x, y), spans), **TOL)
 
 
+class SkipAndShared(nn.Module):
+    """A residual sum, concatenation, slicing, one activation module called three times, and a
+    mean over the batch broadcast back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.act = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3), nn.Tanh()
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        h = h + self.b(h)
+        mixed = torch.cat([h, x], dim=1)[:, :4] * 2.0
+        return self.c(self.act(mixed).mean(0, keepdim=True).expand(x.shape[0], 4) + self.act(x))
+
+
+def layer_zoo(case):
+    """Small models over many layer types, their inputs, targets and criterion."""
+    gen = torch.Generator().manual_seed(20 + case)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    labels = torch.randint(0, 3, (6,), generator=gen)
+    torch.manual_seed(20 + case)
+    if case == 0:
+        model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.MaxPool1d(2), nn.AvgPool1d(1), nn.AdaptiveAvgPool1d(2),
+                              nn.Flatten(), nn.Linear(6, 3))
+        return model, randn(6, 2, 8), labels, F.cross_entropy
+    if case == 1:
+        model = nn.Sequential(nn.ConvTranspose2d(2, 2, 2, stride=2), nn.GELU(), nn.Upsample(scale_factor=0.5, mode="bilinear"),
+                              nn.ReflectionPad2d(1), nn.ZeroPad2d(1), nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+        return model, randn(6, 2, 3, 3), labels, F.cross_entropy
+    if case == 2:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(), nn.PixelShuffle(2),
+                              nn.Dropout2d(0.2), nn.Conv2d(1, 2, 3), nn.Mish(), nn.Flatten(), nn.Linear(8, 3))
+        return model, randn(6, 2, 2, 2), labels, F.cross_entropy
+    if case == 3:
+        acts = [nn.ELU(), nn.CELU(), nn.SELU(), nn.LogSigmoid(), nn.Softsign(), nn.Tanhshrink(), nn.Hardswish(),
+                nn.GELU(approximate="tanh")]
+        layers = [nn.Linear(4, 5)]
+        for act in acts:
+            layers += [act, nn.Linear(5, 5)]
+        layers += [nn.PReLU(), nn.ReLU6(), nn.Hardtanh(), nn.Linear(5, 2), nn.Sigmoid()]
+        return nn.Sequential(*layers), randn(6, 4), torch.rand(6, 2, generator=gen, dtype=torch.float64), \
+            F.binary_cross_entropy
+    if case == 4:
+        model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 5), nn.Softplus(), nn.Linear(5, 2))
+        return model, torch.randint(0, 7, (6, 2), generator=gen), randn(6, 2), F.huber_loss
+    return SkipAndShared(), randn(6, 4), labels, F.cross_entropy
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_kept_residual_is_the_hessian_blocks_on_many_layer_types(case):
+    # An operation wrongly taken as linear would leave its curvature out of "keep", and the
+    # Hessian's blocks would differ; "abs" stays positive semi-definite on all of them.
+    model, x, y, criterion = layer_zoo(case)
+    model = model.double().eval()
+    keep = dense(PCHOperator(model, [(x, y)], criterion, use_gpu=False, residual="keep"))
+    hessian = dense_loss_hessian(model, criterion, x, y)
+    assert torch.allclose(keep, block_diagonal(hessian, block_layout(model, "parameter")), **TOL)
+    values = torch.linalg.eigvalsh(dense(PCHOperator(model, [(x, y)], criterion, use_gpu=False)))
+    assert values[0] >= -1e-12 * values[-1]
+
+
 # -- the operator machinery ------------------------------------------------------------------
 def test_parameter_subsets_are_the_dense_blocks():
     model = mlp(7)
@@ -453,7 +517,8 @@ class Tied(nn.Module):
 class AfterActivation(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.act, self.b = nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)
+        # Softplus saves its input, not its output, so autograd itself allows the in-place change
+        self.a, self.act, self.b = nn.Linear(4, 5), nn.Softplus(), nn.Linear(5, 3)
 
     def forward(self, x):
         h = self.act(self.a(x))
@@ -489,6 +554,10 @@ def test_models_with_curvature_it_does_not_cover_are_refused_by_name(case):
         op.apply(torch.ones(op.size, dtype=torch.float64))
     assert_model_unchanged(model, before)
     assert all(not m._forward_hooks for m in model.modules())
+    # without residuals it is the GGN's diagonal blocks, which every model has
+    ggn = dense(GGNOperator(model, [(x, y)], criterion, use_gpu=False, **options))
+    drop = dense(PCHOperator(model, [(x, y)], criterion, use_gpu=False, residual="drop", **options))
+    assert torch.allclose(drop, block_diagonal(ggn, block_layout(model, "parameter")), **TOL)
 
 
 def test_a_criterion_that_uses_the_parameters_directly_is_refused():

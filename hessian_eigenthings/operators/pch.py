@@ -128,7 +128,8 @@ class PCHOperator(ModelOperator):
         residual: "abs" (default): the PCH of Chen et al. (2018), negative residuals cast to their
             absolute value; "clip": negative residuals set to zero; "keep": the residual
             unchanged, i.e. the Hessian's diagonal blocks (not positive semi-definite); "drop":
-            the residual left out, i.e. the GGN's diagonal blocks.
+            the residual left out, i.e. the GGN's diagonal blocks (for any model: the model is
+            not checked then).
         blocks: "parameter" (default) or "module", see above.
 
     Attributes:
@@ -183,11 +184,13 @@ class PCHOperator(ModelOperator):
         leaves = [t for t in _float_leaves(outputs) if t.requires_grad]
         if not leaves:
             return _PCHWork(loss, [], (), [], [], [], [], (), frozenset())
-        check_unchanged_in_place(record, owner)
-        names = ["+".join(names) for names in self.block_names]
-        deps = check_curvature_structure([get_gradient_edge(t).node for t in leaves], loss.grad_fn, record,
-                                         self._block_of, names, owner)
-        calls = [] if self.residual == "drop" else [c for c in record.activations if reached(c, deps)]
+        calls: list[ActivationCall] = []
+        if self.residual != "drop":  # without residuals these are the GGN's blocks, defined for any model
+            check_unchanged_in_place(record, owner)
+            names = ["+".join(names) for names in self.block_names]
+            deps = check_curvature_structure([get_gradient_edge(t).node for t in leaves], loss.grad_fn, record,
+                                             self._block_of, names, owner)
+            calls = [c for c in record.activations if reached(c, deps)]
         pre, weights = self._residuals(loss, calls)
         # dL/df with its graph, so that a second differentiation gives H_out times a vector.
         loss_grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)

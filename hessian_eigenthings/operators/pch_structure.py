@@ -66,6 +66,7 @@ _PRODUCT_OPS: dict[str, tuple[tuple[int, int], ...]] = {
     "Addmm": ((1, 2),), "Addmv": ((1, 2),), "Addbmm": ((1, 2),), "Baddbmm": ((1, 2),), "Addr": ((1, 2),),
     "Linear": ((0, 1),), "Convolution": ((0, 1),), "MkldnnConvolution": ((0, 1),),
     "ConvolutionOverrideable": ((0, 1),), "PreluKernel": ((0, 1),), "Prelu": ((0, 1),),
+    "NativeBatchNormLegitNoTraining": ((0, 1),),
     "Trilinear": ((0, 1), (0, 2), (1, 2)),
 }
 
