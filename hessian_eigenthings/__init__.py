@@ -142,3 +142,8 @@ __all__ += ["cg", "minres", "SolveResult", "NotPositiveDefiniteError"]
 from .spectrum import ggn_diagonal, hesscale_diagonal  # noqa: E402
 
 __all__ += ["hesscale_diagonal", "ggn_diagonal"]
+
+# the positive-curvature Hessian of Hessian backpropagation (block diagonal, positive semi-definite)
+from .operators.pch import PCHOperator  # noqa: E402
+
+__all__ += ["PCHOperator"]

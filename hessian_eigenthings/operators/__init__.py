@@ -10,3 +10,8 @@ __all__ = ["Operator", "LambdaOperator", "MatrixOperator", "as_operator", "HVPOp
 from .algebra import LinearCombination, ProjectedOperator, SubmatrixOperator, deflate, submatrix  # noqa: E402
 
 __all__ += ["LinearCombination", "ProjectedOperator", "SubmatrixOperator", "deflate", "submatrix"]
+
+# the positive-curvature Hessian (block diagonal, positive semi-definite)
+from .pch import PCHOperator  # noqa: E402
+
+__all__ += ["PCHOperator"]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..operators.ggn import EmpiricalFisherOperator, GGNOperator
 from ..operators.hvp import HVPOperator
 from ..operators.model_operator import ModelOperator
+from ..operators.pch import PCHOperator
 from ..operators.options import DEFAULT_MAX_POSSIBLE_GPU_SAMPLES, check_operator_options, split_options
 from .density import SpectralDensity, spectral_density
 from .diagonal import DiagonalEstimate, exact_diagonal, hutchinson_diagonal
@@ -26,6 +27,7 @@ CURVATURES: dict[str, type] = {
     "hessian": HVPOperator,
     "ggn": GGNOperator,
     "fisher": EmpiricalFisherOperator,
+    "pch": PCHOperator,
 }
 
 
