@@ -142,3 +142,30 @@ __all__ += ["cg", "minres", "SolveResult", "NotPositiveDefiniteError"]
 from .spectrum import ggn_diagonal, hesscale_diagonal  # noqa: E402
 
 __all__ += ["hesscale_diagonal", "ggn_diagonal"]
+
+# one object for a whole analysis, per-layer summaries and loss landscapes
+from .analysis import (  # noqa: E402
+    Hessian,
+    Landscape1D,
+    Landscape2D,
+    LayerSummary,
+    LayerTable,
+    filter_normalized_direction,
+    parameter_groups,
+    plot_landscape_1d,
+    plot_landscape_2d,
+    plot_layers,
+)
+
+__all__ += [
+    "Hessian",
+    "LayerSummary",
+    "LayerTable",
+    "Landscape1D",
+    "Landscape2D",
+    "parameter_groups",
+    "filter_normalized_direction",
+    "plot_landscape_1d",
+    "plot_landscape_2d",
+    "plot_layers",
+]
