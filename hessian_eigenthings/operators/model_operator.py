@@ -400,19 +400,21 @@ class ModelOperator(Operator):
 
         Both must read the same dataloader object the same way (the full dataset, the same device,
         ``max_possible_gpu_samples``, ``batch_size_fn`` and cache settings): build this operator
-        with ``other.dataloader``. ``clear_batch_cache()`` of either then clears the shared copies.
+        with ``other.dataloader``. ``clear_batch_cache()`` of either then clears the shared copies
+        (and that operator's kept work: call it on both inside a ``frozen()`` block).
         """
         if not isinstance(other, ModelOperator):
             raise TypeError(f"share_batches needs another model operator, got {type(other).__name__}.")
         mine, theirs = self._batches, other._batches
-        differs = [name for name, a, b in (
-            ("dataloader", mine.dataloader, theirs.dataloader), ("device", mine.device, theirs.device),
+        differs = ["dataloader"] if mine.dataloader is not theirs.dataloader else []
+        differs += [name for name, a, b in (
+            ("device", mine.device, theirs.device),
             ("full_dataset", mine.full_dataset, theirs.full_dataset),
             ("max_possible_gpu_samples", mine.max_possible_gpu_samples, theirs.max_possible_gpu_samples),
             ("batch_size_fn", mine.batch_size_fn, theirs.batch_size_fn),
             ("cache_batches", mine.cache_batches, theirs.cache_batches),
             ("cache_max_bytes", mine.cache_max_bytes, theirs.cache_max_bytes),
-        ) if a is not b and a != b]
+        ) if a != b]
         if differs or not mine.full_dataset:
             raise ValueError(
                 f"share_batches: the two operators read their data differently ({', '.join(differs) or 'mini-batches'}"
