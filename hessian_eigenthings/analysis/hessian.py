@@ -426,9 +426,9 @@ class Hessian:
             A :class:`LayerTable`: a list of :class:`LayerSummary` records, one per group and
             curvature; ``print(table)`` shows it, ``table.plot(path)`` draws it.
         """
-        curvatures = [self.curvature] if curvatures is None else list(curvatures)
-        if isinstance(curvatures, str) or not curvatures:
+        if isinstance(curvatures, str) or (curvatures is not None and not len(curvatures)):
             raise TypeError(f"curvatures must be a non-empty list such as ('hessian', 'ggn'), got {curvatures!r}.")
+        curvatures = [self.curvature] if curvatures is None else list(curvatures)
         for curvature in curvatures:
             _check_curvature(curvature)
         found = parameter_groups(self.model, self.param_names, groups, depth)
