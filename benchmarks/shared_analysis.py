@@ -222,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 def print_table(rows: dict, costs: dict) -> None:
     base = rows["helpers"]
     header = (f"| {'way':<13} | {'HVPs':>5} | {'forward passes':>14} | {'dataloader passes':>17} | {'seconds':>8} | "
-              X
+              f"{'saving':>8} | {'numbers vs helpers':>18} |")
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for name, row in rows.items():
