@@ -1,13 +1,13 @@
 """A whole curvature analysis of a trained MLP on scikit-learn's digits, on one ``Hessian`` object:
 top eigenvalues, trace, the spectral densities of the Hessian and the Gauss-Newton matrix, the
-per-layer table, and the loss on the plane of the two sharpest directions.
+per-layer table, and the loss along the sharpest direction and on the plane of the two sharpest.
 
     python example/analysis.py                        # CPU, one thread: about 30 s
     python example/analysis.py --out-dir figures --landscape random --grid 31
 
 Every call reads the data from the object's cache (the dataloader is read once) and, inside the
-``with`` block, reuses each batch's forward pass and gradient graph. Writes three PNG files to
---out-dir: density.png, layers.png and landscape.png. The digits dataset ships inside
+``with`` block, reuses each batch's forward pass and gradient graph. Writes four PNG files to
+--out-dir: density.png, layers.png, landscape_1d.png and landscape.png. The digits dataset ships inside
 scikit-learn, so nothing is downloaded. Needs matplotlib (pip install -e ".[examples]").
 """
 
@@ -60,7 +60,8 @@ def layer_groups(model: nn.Module) -> dict[str, str]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the analysis with command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out-dir", default=".", help="folder for density.png, layers.png and landscape.png")
+    parser.add_argument("--out-dir", default=".",
+                        help="folder for density.png, layers.png, landscape_1d.png and landscape.png")
     parser.add_argument("--k", type=int, default=5, help="number of top eigenvalues (largest algebraic)")
     parser.add_argument("--trace-products", type=int, default=102, help="Hutch++ product budget of the trace")
     parser.add_argument("--probes", type=int, default=8, help="SLQ start vectors of each density")
@@ -119,10 +120,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               f"is {density.extremes[0]:.4f}, the Gauss-Newton matrix's {ggn_density.extremes[0]:.4f} (it has no "
               f"negative eigenvalue).")
 
+        curve = hessian.landscape_1d(0, steps=args.grid)
+        print(f"\nLoss along the top eigenvector (lambda = {curve.eigenvalue:.4f}) at {args.grid} steps up to "
+              f"+-{curve.alphas[-1]:.3g}: {curve.losses[0]:.4f} / {curve.loss0:.4f} / {curve.losses[-1]:.4f} "
+              f"(quadratic model: {curve.quadratic()[0]:.4f} / {curve.loss0:.4f} / {curve.quadratic()[-1]:.4f})")
+
         directions = (0, 1) if args.landscape == "eigen" else ("random", "random")
         surface = hessian.landscape_2d(directions, steps=args.grid, seed=args.seed)
         corner = surface.losses[-1, -1]
-        print(f"\nLoss landscape on {args.grid} x {args.grid} points ({args.landscape} directions): loss "
+        print(f"Loss landscape on {args.grid} x {args.grid} points ({args.landscape} directions): loss "
               f"{surface.loss0:.4f} here, {corner:.4f} at the corner (+{surface.alphas[-1]:.3g}, "
               f"+{surface.betas[-1]:.3g}), where the quadratic model says {surface.quadratic()[-1, -1]:.4f}")
     print(f"\nThe analysis took {time.perf_counter() - start:.1f} s and read the dataloader {loader.passes} time(s).")
@@ -133,9 +139,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      title=f"Spectral densities of a {title} (SLQ)")
     fig.axes[0].lines[-1].set_linestyle("--")
     fig.axes[0].legend()
-    paths = {name: os.path.join(args.out_dir, f"{name}.png") for name in ("density", "layers", "landscape")}
+    paths = {name: os.path.join(args.out_dir, f"{name}.png")
+             for name in ("density", "layers", "landscape_1d", "landscape")}
     fig.savefig(paths["density"], dpi=150)
     table.plot(paths["layers"], title=f"Diagonal blocks of the curvature of a {title}")
+    curve.plot(paths["landscape_1d"], title=f"Loss of a {title} along its sharpest direction")
     surface.plot(paths["landscape"], title=f"Loss of a {title} (dashed: quadratic model)")
     for path in paths.values():
         print(f"Saved {os.path.abspath(path)}")

@@ -51,7 +51,7 @@ def test_runs_with_tiny_settings(tmp_path):
     finally:
         torch.set_num_threads(threads)
     text = out.getvalue()
-    for name in ("density", "layers", "landscape"):
+    for name in ("density", "layers", "landscape_1d", "landscape"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = text.split("Per-layer blocks", 1)[1]
     rows = re.findall(r"^(\d) \((\d+)->(\d+)\)\s+(\d+)\s+(hessian|ggn)\s", table, flags=re.M)
