@@ -295,3 +295,28 @@ def test_repr_and_attributes(problem):
     assert "curvature='hessian'" in repr(h) and f"n={h.size}" in repr(h)
     assert h.model is model and h.loss is F.cross_entropy and h.verbose is False
     assert isinstance(h.ggn().operator, GGNOperator)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_copy_of_a_cpu_model_gives_the_cpu_numbers(problem):
+    model, _, _, data, _, _ = problem
+    before = model_snapshot(model)
+    loader = CountingLoader(data)
+    cpu = Hessian(model, data, F.cross_entropy, use_gpu=False, verbose=False)
+    with Hessian(model, loader, F.cross_entropy, use_gpu=True, verbose=False) as gpu:
+        assert gpu.operator.device.type == "cuda"
+        pairs = [h.eigenvalues(3, which="LA").eigenvalues for h in (gpu, cpu)]
+        assert np.allclose(*pairs, rtol=1e-9)
+        traces = [h.trace(max_products=30).estimate for h in (gpu, cpu)]
+        assert traces[0] == pytest.approx(traces[1], rel=1e-9)
+        tables = [h.per_layer(curvatures=("hessian", "ggn"), exact_max_size=100, max_products=30) for h in (gpu, cpu)]
+        for a, b in zip(*tables):
+            assert (a.top_eigenvalue, a.trace, a.frobenius) == pytest.approx((b.top_eigenvalue, b.trace, b.frobenius),
+                                                                             rel=1e-8)
+        surfaces = [h.landscape_2d((0, "random"), steps=3) for h in (gpu, cpu)]
+        assert np.allclose(surfaces[0].losses, surfaces[1].losses, rtol=1e-10)
+        assert surfaces[0].directions.device.type == "cuda"
+    assert loader.iterations == 1
+    assert_model_unchanged(model, before)
+    assert all(p.device.type == "cpu" for p in model.parameters())
