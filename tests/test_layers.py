@@ -153,4 +153,10 @@ def test_bad_settings_are_refused(problem):
         h.per_layer(curvatures="ggn")
     with pytest.raises(ValueError, match="max_products"):
         h.per_layer(max_products=0)
+    with pytest.raises(ValueError, match="mode="):
+        h.per_layer(mode="fastest")
+    with pytest.raises(ValueError, match="trace_method="):
+        h.per_layer(trace_method="exact")
+    with pytest.raises(ValueError, match="frobenius_method="):
+        h.per_layer(frobenius_method="exact")
     assert math.isfinite(h.per_layer(["4"])[0].top_eigenvalue)

@@ -156,7 +156,9 @@ class Hessian:
       freed when the block ends.
 
     The model is never changed by any call (parameters, buffers, ``.grad``, ``requires_grad``,
-    modes, global random state), also on error.
+    modes, global random state), also on error. A model on the CPU analysed on a GPU
+    (``use_gpu=True``) is copied to it by every operator of the object: the object, each view, and
+    each per-layer block while it is computed; move the model to the GPU first to avoid the copies.
 
     Args:
         model: the network.

@@ -23,8 +23,8 @@ import torch
 from ..operators.model_operator import ModelOperator
 from ..solvers.registry import get_solver
 from ..spectrum.dense import dense_matrix
-from ..spectrum.frobenius import estimate_frobenius
-from ..spectrum.trace import estimate_trace
+from ..spectrum.frobenius import FROBENIUS_METHODS, estimate_frobenius
+from ..spectrum.trace import TRACE_METHODS, estimate_trace
 from ..utils import check_positive_int, logger, progress
 
 #: Blocks of at most this many parameters are formed densely (exact numbers) by default: that
@@ -157,6 +157,11 @@ class BlockSettings:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
             raise ValueError(f"exact_max_size must be an integer >= 0 (0: estimate every block), got {size!r}.")
         self.max_products = check_positive_int(self.max_products, "max_products")
+        get_solver(self.mode)  # a ValueError naming the modes, before any block is computed
+        for method, known, name in ((self.trace_method, TRACE_METHODS, "trace_method"),
+                                    (self.frobenius_method, FROBENIUS_METHODS, "frobenius_method")):
+            if method not in known:
+                raise ValueError(f"{name}={method!r} is not known; choose one of {', '.join(map(repr, known))}.")
 
 
 def summarize_block(op: ModelOperator, name: str, curvature: str, settings: BlockSettings) -> LayerSummary:
