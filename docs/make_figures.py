@@ -1,6 +1,6 @@
 """Draw the documentation's figures from real runs: nothing in docs/images is drawn by hand.
 
-    python docs/make_figures.py                 # all three, a few minutes on one CPU thread
+    python docs/make_figures.py                 # all of them, a few minutes on one CPU thread
     python docs/make_figures.py --quick --out /tmp/figures   # smaller runs, a smoke test
 
 * ``spectral_density.png``: the SLQ densities of the benchmark MLP's loss Hessian and Gauss-Newton
@@ -10,6 +10,8 @@
 * ``convergence.png``: for each solver, the largest relative residual ``||H v - lambda v|| / |lambda|``
   it reaches against the Hessian-vector products it spends, on the benchmark MLP
   (``benchmarks/workloads.py``), measured by running it at a sweep of tolerances.
+* ``per_layer.png``, ``landscape_1d.png``, ``landscape_2d.png``: the per-layer table and the loss
+  landscapes of ``example/analysis.py`` with its defaults (the digits MLP of the examples).
 
 Needs the ``docs`` or ``examples`` extra (scikit-learn, matplotlib). Run from the repository root.
 """
@@ -166,7 +168,22 @@ def convergence_figure(out: Path, quick: bool) -> None:
     plt.close(fig)
 
 
-FIGURES = {"density": density_figure, "sharpness": sharpness_figure, "convergence": convergence_figure}
+def analysis_figures(out: Path, quick: bool) -> None:
+    """``example/analysis.py`` with its defaults (a coarser, cheaper run with ``quick``); keeps its
+    per-layer and landscape plots."""
+    spec = importlib.util.spec_from_file_location("analysis", ROOT / "example" / "analysis.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cheaper = ["--grid", "7", "--probes", "2", "--steps", "20", "--layer-products", "30"] if quick else []
+    with tempfile.TemporaryDirectory() as folder:
+        module.main(["--out-dir", folder, "--quiet"] + cheaper)
+        for made, kept in (("layers.png", "per_layer.png"), ("landscape_1d.png", "landscape_1d.png"),
+                           ("landscape.png", "landscape_2d.png")):
+            shutil.copy(Path(folder) / made, out / kept)
+
+
+FIGURES = {"density": density_figure, "sharpness": sharpness_figure, "convergence": convergence_figure,
+           "analysis": analysis_figures}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -147,3 +147,30 @@ __all__ += ["hesscale_diagonal", "ggn_diagonal"]
 from .operators.pch import PCHOperator  # noqa: E402
 
 __all__ += ["PCHOperator"]
+
+# one object for a whole analysis, per-layer summaries and loss landscapes
+from .analysis import (  # noqa: E402
+    Hessian,
+    Landscape1D,
+    Landscape2D,
+    LayerSummary,
+    LayerTable,
+    filter_normalized_direction,
+    parameter_groups,
+    plot_landscape_1d,
+    plot_landscape_2d,
+    plot_layers,
+)
+
+__all__ += [
+    "Hessian",
+    "LayerSummary",
+    "LayerTable",
+    "Landscape1D",
+    "Landscape2D",
+    "parameter_groups",
+    "filter_normalized_direction",
+    "plot_landscape_1d",
+    "plot_landscape_2d",
+    "plot_layers",
+]

@@ -351,8 +351,81 @@ class ModelOperator(Operator):
             (loss as a float, gradient as an (n,) tensor in the operator's dtype and on its device).
         """
         like = torch.zeros(self.size + 1, dtype=torch.float64, device=self.device)
-        result = self._guarded(self._over_data, like, self._loss_and_gradient_of, None)
+        result = self._guarded(self._over_loss, like, self._loss_and_gradient_of, None)
         return float(result[-1]), result[:-1].to(self.dtype)
+
+    def losses_at(self, points: Tensor) -> Tensor:
+        """The loss over the dataloader with the chosen parameters set to each column of ``points``.
+
+        The loss is that of :meth:`loss_and_gradient` (the mean over every sample, or the sum for a
+        summing criterion; same data loop, mode and guarantees), without gradients. The model is
+        never written: each column enters the forward pass through ``torch.func.functional_call``;
+        parameters that are not chosen, and the buffers, are the model's own. With
+        ``eval_mode=False`` every column sees the same dropout masks.
+
+        Args:
+            points: (n, p) block in the operator's dtype and on its device; column j holds values
+                of the chosen parameters, laid out like the operator's vectors.
+
+        Returns:
+            (p,) float64 tensor on the operator's device; NaN/Inf losses are returned, not raised.
+        """
+        self._check_input(points, ndim=2)
+        like = torch.zeros(points.shape[1], dtype=torch.float64, device=self.device)
+        if points.shape[1] == 0:
+            return like
+        return self._guarded(self._over_loss, like, lambda chunk: self._losses_of(chunk, points), points)
+
+    def _over_loss(self, like: Tensor, per_micro_batch: Callable[[MicroBatch], tuple[Tensor, Tensor]],
+                   vectors: Optional[Tensor]) -> Tensor:
+        """:meth:`_over_data` for values of the criterion's own loss (losses, gradients), which are
+        combined as the reduction says even where products are per-sample means (the Fisher)."""
+        return self._over_data(like, per_micro_batch, vectors, per_sample_mean=False)
+
+    def _losses_of(self, chunk: MicroBatch, points: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss at the first point, losses at every point as a float64 vector) of one micro-batch."""
+        rewind = rng_rewinder(self.device)
+        values = torch.empty(points.shape[1], dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for j in range(points.shape[1]):
+                rewind()  # the same dropout masks (eval_mode=False) at every point
+                parameters = dict(zip(self.param_names, unflatten(points[:, j], self._params)))
+                outputs = self._forward(chunk.inputs, parameters)
+                with autocast_context(self.precision, self.device):
+                    loss = self.criterion(outputs, chunk.targets)
+                if not isinstance(loss, Tensor) or loss.dim() != 0:
+                    self._check_loss(loss, chunk.label)  # raises, saying what the criterion must return
+                values[j] = loss
+        return values[0], values
+
+    def share_batches(self, other: "ModelOperator") -> None:
+        """Read the data through ``other``'s batches from now on, so that the two operators read the
+        dataloader once between them and share its copies on the compute device.
+
+        Both must read the same dataloader object the same way (the full dataset, the same device,
+        ``max_possible_gpu_samples``, ``batch_size_fn`` and cache settings): build this operator
+        with ``other.dataloader``. ``clear_batch_cache()`` of either then clears the shared copies
+        (and that operator's kept work: call it on both inside a ``frozen()`` block).
+        """
+        if not isinstance(other, ModelOperator):
+            raise TypeError(f"share_batches needs another model operator, got {type(other).__name__}.")
+        mine, theirs = self._batches, other._batches
+        differs = ["dataloader"] if mine.dataloader is not theirs.dataloader else []
+        differs += [name for name, a, b in (
+            ("device", mine.device, theirs.device),
+            ("full_dataset", mine.full_dataset, theirs.full_dataset),
+            ("max_possible_gpu_samples", mine.max_possible_gpu_samples, theirs.max_possible_gpu_samples),
+            ("batch_size_fn", mine.batch_size_fn, theirs.batch_size_fn),
+            ("cache_batches", mine.cache_batches, theirs.cache_batches),
+            ("cache_max_bytes", mine.cache_max_bytes, theirs.cache_max_bytes),
+        ) if a != b]
+        if differs or not mine.full_dataset:
+            raise ValueError(
+                f"share_batches: the two operators read their data differently ({', '.join(differs) or 'mini-batches'}"
+                f"); both must read the full dataset of the same dataloader object with the same options. Build "
+                f"this operator with dataloader=other.dataloader and the other's data options."
+            )
+        self._batches = theirs
 
     def _loss_and_gradient_of(self, chunk: MicroBatch) -> tuple[Tensor, Tensor]:
         """(loss, [gradient, loss] as one float64 vector) of one micro-batch."""
@@ -368,15 +441,19 @@ class ModelOperator(Operator):
 
     def _over_data(
         self, like: Tensor, per_micro_batch: Callable[[MicroBatch], tuple[Tensor, Tensor]], vectors: Optional[Tensor],
-        checked: bool = False,
+        checked: bool = False, per_sample_mean: Optional[bool] = None,
     ) -> Tensor:
         """One pass over the data: ``per_micro_batch(chunk) -> (loss, value shaped like like)``
         combined over the micro-batches (and the ranks) as the reduction says.
 
         ``vectors`` (the block multiplied, or None) lets the ranks check they multiply the same;
-        ``checked`` runs the NaN/Inf checks of products.
+        ``checked`` runs the NaN/Inf checks of products; ``per_sample_mean`` says whether the values
+        are per-sample means whatever the reduction (default: :attr:`per_sample_mean_products`;
+        False for values of the criterion's own loss, such as losses and gradients).
         """
-        total = WeightedSum(like, self.reduction, self.per_sample_mean_products)
+        if per_sample_mean is None:
+            per_sample_mean = self.per_sample_mean_products
+        total = WeightedSum(like, self.reduction, per_sample_mean)
         probe = ReductionProbe(self.criterion, self.batch_size_fn) if self.reduction is None else None
         checks: list[Check] = []
         # Under a process group, an error on this rank is held until every rank has joined the
