@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..utils import logger
+from ..data import leading_dim
 from .graph_cache import tensor_bytes
 from .hvp_backends import (
     BACKENDS,
@@ -203,6 +204,9 @@ class HVPOperator(ModelOperator):
         self._plan: Plan = SAFE  # the plan of the product in progress
         self._holding_kept = False  # a fresh product inside frozen(), while kept work stays for others
         self._said_out_of_memory: set[Plan] = set()
+        # While a timed product builds kept graphs: (rows, seconds) of each micro-batch's forward and
+        # first backward pass.
+        self._build_times: Optional[list[tuple[int, float]]] = None
 
     # -- one micro-batch -----------------------------------------------------------------------
     def build(self, inputs: Any, targets: Any, label: str) -> Any:
@@ -210,7 +214,12 @@ class HVPOperator(ModelOperator):
         gradient with its graph (double backward), the traced gradient (linearize), or, for
         forward-over-reverse, which does both together with the product, only what the product needs."""
         if self._plan.backend == "double_backward":
-            return first_order_graph(lambda: self._loss(inputs, targets, label), self._params)
+            if self._build_times is None:
+                return first_order_graph(lambda: self._loss(inputs, targets, label), self._params)
+            with _measured(self.device, memory=False) as measure:
+                graph = first_order_graph(lambda: self._loss(inputs, targets, label), self._params)
+            self._build_times.append((leading_dim(inputs) or 1, measure.seconds))
+            return graph
         if self._plan.backend == "linearize":
             return linearized_gradient(
                 lambda theta: self._loss(inputs, targets, label, parameters=theta), self.param_names, self._params)
@@ -389,15 +398,20 @@ class HVPOperator(ModelOperator):
             if not timed:
                 return super()._product(mat)
             kept_before = len(self._keeper)
+            self._build_times = [] if planned.kept else None
             with _measured(self.device) as measure:
                 out = super()._product(mat)
             if self._plan == planned:  # a trial that fell back measured something else
                 built = planned.kept and len(self._keeper) > kept_before and self._batches.positions_fixed
-                record = self.plans.record_build if built else self.plans.record
-                record(planned, b, measure.seconds, measure.peak_bytes)
+                if built:
+                    self.plans.record_build(planned, b, measure.seconds, measure.peak_bytes,
+                                            shared=_shared_estimate(self._build_times))
+                else:
+                    self.plans.record(planned, b, measure.seconds, measure.peak_bytes)
             return out
         finally:
             self._keeping, self._holding_kept = keeping, False
+            self._build_times = None
 
     def _product_context(self) -> contextlib.AbstractContextManager:
         if not self._holding_kept:
@@ -426,21 +440,33 @@ class _Measure:
 
 
 @contextlib.contextmanager
-def _measured(device: torch.device) -> Any:
-    """Time the block (synchronising a CUDA device), and on CUDA measure its peak memory above the
-    start (this resets the device's peak-memory statistic)."""
+def _measured(device: torch.device, memory: bool = True) -> Any:
+    """Time the block (synchronising a CUDA device), and on CUDA with ``memory`` measure its peak
+    memory above the start (this resets the device's peak-memory statistic)."""
     measure = _Measure()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
-        start_bytes = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        if memory:
+            start_bytes = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     yield measure
     if cuda:
         torch.cuda.synchronize(device)
-        measure.peak_bytes = torch.cuda.max_memory_allocated(device) - start_bytes
+        if memory:
+            measure.peak_bytes = torch.cuda.max_memory_allocated(device) - start_bytes
     measure.seconds = time.perf_counter() - start
+
+
+def _shared_estimate(times: Optional[list[tuple[int, float]]]) -> Optional[float]:
+    """The forward and first backward pass of the whole dataset from each micro-batch's (rows,
+    seconds): all rows at the fastest rate seen, so that one-time warm-up (first kernels, first
+    allocations), which falls on the first micro-batch of a process, does not count."""
+    if not times:
+        return None
+    rate = min(seconds / rows for rows, seconds in times)
+    return rate * sum(rows for rows, _ in times)
 
 
 class _Pending:

@@ -87,6 +87,7 @@ class PlanBook:
         self._peaks: dict[tuple[Plan, int], int] = {}
         self._builds: dict[tuple[Plan, int], float] = {}  # a product that also built the kept work
         self._forced_shared: Optional[float] = None
+        self._shared: list[float] = []  # the forward and first backward pass, timed while building
         self.limits: dict[Plan, int] = {}  # the widest block each plan fitted in device memory
         self.setup: dict[Plan, float] = {}  # seconds to build a kept plan's work, per product
 
@@ -97,9 +98,13 @@ class PlanBook:
         if peak_bytes is not None:
             self._peaks[(plan, width)] = max(int(peak_bytes), self._peaks.get((plan, width), 0))
 
-    def record_build(self, plan: Plan, width: int, seconds: float, peak_bytes: Optional[int] = None) -> None:
-        """A timed product of a kept plan that built its kept work on the way (forward, first backward)."""
+    def record_build(self, plan: Plan, width: int, seconds: float, peak_bytes: Optional[int] = None,
+                     shared: Optional[float] = None) -> None:
+        """A timed product of a kept plan that built its kept work on the way; ``shared``, where
+        timed, is the forward and first backward pass it built (see :meth:`shared_seconds`)."""
         self._builds[(plan, width)] = min(float(seconds), self._builds.get((plan, width), math.inf))
+        if shared is not None and shared > 0:
+            self._shared.append(float(shared))
         if peak_bytes is not None:
             self._peaks[(plan, width)] = max(int(peak_bytes), self._peaks.get((plan, width), 0))
 
@@ -157,10 +162,12 @@ class PlanBook:
 
     def shared_seconds(self) -> Optional[float]:
         """Seconds of the forward and first backward pass that kept work saves in every product:
-        a kept plan's building product less its kept product, at the same width (the smallest such
-        difference); None until both were timed."""
+        timed micro-batch by micro-batch while kept work was built (the smallest such time), or else a
+        building product less a kept product of the same plan and width; None until timed."""
         if self._forced_shared is not None:
             return self._forced_shared
+        if self._shared:
+            return min(self._shared)
         shared = [build - kept for (plan, width), build in self._builds.items()
                   if (kept := self._known(plan, width)) is not None and build > kept]
         return min(shared) if shared else None
@@ -189,6 +196,10 @@ class PlanBook:
 
     def _plans(self) -> set[Plan]:
         return {plan for plan, _ in (*self._times, *self._forced, *self._builds)}
+
+    def measured(self) -> set[tuple[Plan, int]]:
+        """Every (plan, width) with a timed or forced cost."""
+        return {*self._times, *self._forced}
 
     # -- predicting -----------------------------------------------------------------------------
     def predict(self, plan: Plan, width: int) -> Optional[float]:
