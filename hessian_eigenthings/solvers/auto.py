@@ -278,11 +278,10 @@ class _Session:
             if given is not None and not k + 2 * width <= check_positive_int(given, "num_lanczos_vectors") <= \
                     largest_basis(width, n):
                 continue
-            try:
-                need = native_plan(block=True)(n, k, self.op.dtype, self.op.device,
-                                               {"block_size": width, "num_lanczos_vectors": given,
-                                                "max_basis_bytes": cap})
-            except ValueError:
+            # the basis the product model was measured with (a smaller one would restart more often)
+            need = native_plan(block=True)(n, k, self.op.dtype, self.op.device,
+                                           {"block_size": width, "num_lanczos_vectors": given})
+            if cap is not None and need.peak_bytes > check_positive_int(cap, "max_basis_bytes"):
                 continue
             if free is not None and need.device_bytes > 0.9 * free:
                 continue
