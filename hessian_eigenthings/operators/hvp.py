@@ -204,9 +204,9 @@ class HVPOperator(ModelOperator):
         self._plan: Plan = SAFE  # the plan of the product in progress
         self._holding_kept = False  # a fresh product inside frozen(), while kept work stays for others
         self._said_out_of_memory: set[Plan] = set()
-        # While a timed product builds kept graphs: (rows, seconds) of each micro-batch's forward and
-        # first backward pass.
-        self._build_times: Optional[list[tuple[int, float]]] = None
+        # While a timed product builds kept graphs: [rows, seconds of its forward and first backward
+        # pass, seconds of its product] of each micro-batch built.
+        self._pass_times: Optional[list[list]] = None
 
     # -- one micro-batch -----------------------------------------------------------------------
     def build(self, inputs: Any, targets: Any, label: str) -> Any:
@@ -214,11 +214,11 @@ class HVPOperator(ModelOperator):
         gradient with its graph (double backward), the traced gradient (linearize), or, for
         forward-over-reverse, which does both together with the product, only what the product needs."""
         if self._plan.backend == "double_backward":
-            if self._build_times is None:
+            if self._pass_times is None:
                 return first_order_graph(lambda: self._loss(inputs, targets, label), self._params)
             with _measured(self.device, memory=False) as measure:
                 graph = first_order_graph(lambda: self._loss(inputs, targets, label), self._params)
-            self._build_times.append((leading_dim(inputs) or 1, measure.seconds))
+            self._pass_times.append([leading_dim(inputs) or 1, measure.seconds, None])
             return graph
         if self._plan.backend == "linearize":
             return linearized_gradient(
@@ -240,6 +240,13 @@ class HVPOperator(ModelOperator):
     def product(self, work: Any, tangents: Tangents, keep: bool) -> Tensor:
         """``H_b V`` of one micro-batch, (n, b). A batched plan that runs out of device memory is
         redone in halves, and blocks wider than the widest that fitted are split from then on."""
+        if self._pass_times and self._pass_times[-1][2] is None:  # the micro-batch just built: time it
+            entry = self._pass_times[-1]
+            entry[2] = 0.0
+            with _measured(self.device, memory=False) as measure:
+                out = self.product(work, tangents, keep)
+            entry[2] = measure.seconds
+            return out
         width = tangents.width
         plan = self._plan
         limit = self.plans.limits.get(plan)
@@ -398,20 +405,21 @@ class HVPOperator(ModelOperator):
             if not timed:
                 return super()._product(mat)
             kept_before = len(self._keeper)
-            self._build_times = [] if planned.kept else None
+            self._pass_times = [] if planned.kept else None
             with _measured(self.device) as measure:
                 out = super()._product(mat)
             if self._plan == planned:  # a trial that fell back measured something else
                 built = planned.kept and len(self._keeper) > kept_before and self._batches.positions_fixed
                 if built:
-                    self.plans.record_build(planned, b, measure.seconds, measure.peak_bytes,
-                                            shared=_shared_estimate(self._build_times))
+                    shared, ratio = _pass_estimates(self._pass_times, b)
+                    self.plans.record_build(planned, b, measure.seconds, measure.peak_bytes, shared=shared,
+                                            ratio=ratio)
                 else:
                     self.plans.record(planned, b, measure.seconds, measure.peak_bytes)
             return out
         finally:
             self._keeping, self._holding_kept = keeping, False
-            self._build_times = None
+            self._pass_times = None
 
     def _product_context(self) -> contextlib.AbstractContextManager:
         if not self._holding_kept:
@@ -459,14 +467,21 @@ def _measured(device: torch.device, memory: bool = True) -> Any:
     measure.seconds = time.perf_counter() - start
 
 
-def _shared_estimate(times: Optional[list[tuple[int, float]]]) -> Optional[float]:
-    """The forward and first backward pass of the whole dataset from each micro-batch's (rows,
-    seconds): all rows at the fastest rate seen, so that one-time warm-up (first kernels, first
-    allocations), which falls on the first micro-batch of a process, does not count."""
-    if not times:
-        return None
-    rate = min(seconds / rows for rows, seconds in times)
-    return rate * sum(rows for rows, _ in times)
+def _pass_estimates(times: Optional[list[list]], width: int) -> tuple[Optional[float], Optional[float]]:
+    """From each micro-batch built in a product, [rows, seconds of its forward and first backward
+    pass, seconds of its product of ``width`` vectors]: (the forward and first backward pass of the
+    whole dataset, at the fastest rate seen, and the median over micro-batches of the product of one
+    vector over that pass). The micro-batches are timed back to back, so that a machine's drift
+    cancels in the ratio, and one-time warm-up, which falls on the first micro-batch of a process,
+    counts in neither."""
+    timed = [(rows, build, product) for rows, build, product in (times or ()) if build > 0 and product]
+    if not timed:
+        return None, None
+    shared = min(build / rows for rows, build, _ in timed) * sum(rows for rows, _, _ in timed)
+    ratios = sorted(product / width / build for _, build, product in timed)
+    middle = len(ratios) // 2
+    ratio = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return shared, ratio
 
 
 class _Pending:

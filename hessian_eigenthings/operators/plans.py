@@ -31,11 +31,14 @@ import math
 from typing import Iterable, NamedTuple, Optional
 
 #: A plan whose kept single product costs at least this many times the forward and first backward
-#: pass that kept work saves is slow in its second pass: a tangent pass (jvp) costs about two
-#: gradient passes of arithmetic, so only there can a plan without the double backward, or a block
-#: sharing one forward pass between vectors, beat a kept product by the factor a block solver needs
-#: (its extra products, about 1.5x for blocks of 2; see ``solvers/auto.py``).
-SLOW_SECOND_PASS = 2.5
+#: pass that kept work saves is slow in its second pass. Per vector a block of b costs about
+#: ``shared / b`` plus a tangent pass of ``2 kappa`` shared passes (kappa = 0.4-0.95 measured: its
+#: arithmetic is that of two gradients, at the gradient's speed or below), and block Lanczos needs
+#: about ``b ** 0.55`` times the products (``solvers/auto.py``): blocks can only pay where a kept
+#: product costs more than ``b ** 0.55 (2 kappa + 1 / b)`` shared passes, 3.1 for b = 2 at kappa =
+#: 0.8. Measured: 1.4 (MLP, CNN) and 2.4 (transformer) on a CPU, 2.0 (GPT) and 5.1 (ResNet-18) on an
+#: H200, where only ResNet-18's blocks were several times cheaper per vector.
+SLOW_SECOND_PASS = 3.0
 #: Inside :meth:`~.Operator.frozen`, a block plan that recomputes the forward pass instead of
 #: reusing the kept graph is tried where the kept single product costs at least this many times the
 #: shared forward and first backward pass: per vector such a block costs about ``shared / b`` plus a
@@ -88,6 +91,7 @@ class PlanBook:
         self._builds: dict[tuple[Plan, int], float] = {}  # a product that also built the kept work
         self._forced_shared: Optional[float] = None
         self._shared: list[float] = []  # the forward and first backward pass, timed while building
+        self._ratios: list[float] = []  # a kept product over that pass, paired by micro-batch
         self.limits: dict[Plan, int] = {}  # the widest block each plan fitted in device memory
         self.setup: dict[Plan, float] = {}  # seconds to build a kept plan's work, per product
 
@@ -99,12 +103,16 @@ class PlanBook:
             self._peaks[(plan, width)] = max(int(peak_bytes), self._peaks.get((plan, width), 0))
 
     def record_build(self, plan: Plan, width: int, seconds: float, peak_bytes: Optional[int] = None,
-                     shared: Optional[float] = None) -> None:
-        """A timed product of a kept plan that built its kept work on the way; ``shared``, where
-        timed, is the forward and first backward pass it built (see :meth:`shared_seconds`)."""
+                     shared: Optional[float] = None, ratio: Optional[float] = None) -> None:
+        """A timed product of a kept plan that built its kept work on the way. Where timed micro-batch
+        by micro-batch: ``shared``, the forward and first backward pass it built (see
+        :meth:`shared_seconds`), and ``ratio``, its product of one vector over that pass, paired
+        micro-batch by micro-batch (see :meth:`second_pass_ratio`)."""
         self._builds[(plan, width)] = min(float(seconds), self._builds.get((plan, width), math.inf))
         if shared is not None and shared > 0:
             self._shared.append(float(shared))
+        if ratio is not None and ratio > 0:
+            self._ratios.append(float(ratio))
         if peak_bytes is not None:
             self._peaks[(plan, width)] = max(int(peak_bytes), self._peaks.get((plan, width), 0))
 
@@ -179,7 +187,13 @@ class PlanBook:
         return min(known, key=lambda item: item[1]) if known else None
 
     def second_pass_ratio(self) -> Optional[float]:
-        """The cheapest kept single product over :meth:`shared_seconds`; None until both are known."""
+        """How many times the forward and first backward pass it saves a kept product costs, per
+        vector: timed micro-batch by micro-batch while kept work was built (the median over them;
+        forced costs win), or else the cheapest kept single product over :meth:`shared_seconds`; None
+        until timed."""
+        if self._ratios and self._forced_shared is None:
+            ordered = sorted(self._ratios)
+            return ordered[len(ordered) // 2]
         shared = self.shared_seconds()
         kept = self.best_single([plan for plan in self._plans() if plan.kept])
         if shared is None or kept is None or shared <= 0:
