@@ -12,6 +12,11 @@ parameter vector. All of them are exact (they differ only in rounding):
   through ``functional_call`` (:func:`forward_over_reverse`, which returns the loss too). All b
   at once is ``vmap`` over the tangents, which shares the forward and first backward pass
   between the b vectors.
+* linearize: ``torch.func.linearize`` of the gradient (:func:`linearized_gradient`) traces the
+  forward-over-reverse computation once and keeps its primal values, so that a later product is
+  only the tangent half, one jvp (:func:`linearized_product`; vmapped for b vectors). Tracing
+  costs far more than a product (on a CPU about 100 gradients per micro-batch), so it only pays
+  over many products of a fixed model and data; the traced graph holds every intermediate value.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-BACKENDS = ("double_backward", "forward_over_reverse")
+BACKENDS = ("double_backward", "forward_over_reverse", "linearize")
 
 
 def _rows_from_blocks(blocks: Sequence[Optional[Tensor]], params: Sequence[Tensor], b: int) -> Tensor:
@@ -155,3 +160,70 @@ def forward_over_reverse(
             hv, loss = product({name: t[j] for name, t in zip(names, tangents)})
             rows.append(_rows_from_blocks([hv[name].unsqueeze(0) for name in names], params, 1))
         return loss, torch.cat(rows, dim=0)
+
+
+class LinearizedGradient(NamedTuple):
+    """A micro-batch's loss and the jvp of its gradient, traced by ``torch.func.linearize``.
+
+    ``jvp({name: tangent}) -> ({name: H tangent}, _)``; ``constant_bytes`` is the memory of the
+    primal values the trace keeps.
+    """
+
+    loss: Tensor
+    jvp: Callable
+    constant_bytes: int
+
+
+def linearized_gradient(
+    loss_of: Callable[[Mapping[str, Tensor]], Tensor], names: Sequence[str], params: Sequence[Tensor]
+) -> LinearizedGradient:
+    """Trace the gradient of ``loss_of`` at the current parameters with ``torch.func.linearize``.
+
+    The trace replays no random numbers faithfully (a dropout mask inside it is drawn anew at every
+    jvp), so only deterministic models may be linearized.
+    """
+    from torch.func import grad, linearize
+
+    primals = {name: p.detach() for name, p in zip(names, params)}
+
+    def loss_and_value(theta: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        loss = loss_of(theta)
+        return loss, loss.detach()
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # const_fold warns about the attributes it creates for the kept primal values
+        warnings.filterwarnings("ignore", message=".*get_attr Node.*")
+        (_, loss), jvp_fn = linearize(grad(loss_and_value, has_aux=True), primals)
+    graph = getattr(jvp_fn, "__closure__", None) or ()
+    kept = 0
+    for cell in graph:
+        module = cell.cell_contents
+        if isinstance(module, torch.nn.Module):
+            kept += sum(t.numel() * t.element_size() for t in _module_tensors(module))
+    return LinearizedGradient(loss, jvp_fn, kept)
+
+
+def _module_tensors(module: torch.nn.Module) -> list[Tensor]:
+    found = [t for t in vars(module).values() if isinstance(t, Tensor)]
+    for child in module.children():
+        found += _module_tensors(child)
+    return found + list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+
+
+def linearized_product(
+    work: LinearizedGradient, names: Sequence[str], params: Sequence[Tensor], tangents: Sequence[Tensor], batched: bool
+) -> Tensor:
+    """``H v`` for each of b vectors from a :class:`LinearizedGradient`, as (b, n) rows."""
+    from torch.func import vmap
+
+    b = tangents[0].shape[0]
+    with torch.no_grad():
+        if batched:
+            with _quiet_vmap_fallbacks():
+                hv, _ = vmap(work.jvp)(dict(zip(names, tangents)))
+            return _rows_from_blocks([hv[name] for name in names], params, b)
+        rows = []
+        for j in range(b):
+            hv, _ = work.jvp({name: t[j] for name, t in zip(names, tangents)})
+            rows.append(_rows_from_blocks([hv[name].unsqueeze(0) for name in names], params, 1))
+        return torch.cat(rows, dim=0)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from ..operators.base import Operator
 from .arpack import lanczos
+from .auto import auto_eigensolve
 from .block_lanczos import block_lanczos
 from .contract import COMMON_KEYWORDS
 from .memory import SolverMemory, arpack_plan, native_plan, power_plan
@@ -35,7 +36,9 @@ class RegisteredSolver:
         krylov: it needs a fixed (not stochastic) operator.
         summary: one line for messages and docs.
         memory: ``memory(n, k, dtype, device, options) -> SolverMemory``, its memory model.
-        chooser: for a mode that picks another solver ("auto"): ``chooser(keywords) -> name``.
+        chooser: for a mode that picks another solver ("auto"): ``chooser(keywords) -> name``, what it
+            runs before measuring anything (with ``function`` too, ``run`` calls the function, which
+            measures and chooses).
     """
 
     name: str
@@ -51,19 +54,28 @@ class RegisteredSolver:
         return get_solver(self.chooser(keywords)) if self.chooser is not None else self
 
     def run(self, operator: Operator, num_eigenthings: int, **keywords: Any) -> EigenResult:
-        """Solve with keywords from :attr:`keywords` (others raise TypeError, naming what is accepted)."""
+        """Solve with keywords from :attr:`keywords` (others raise TypeError, naming what is accepted).
+
+        A choosing mode with a function of its own ("auto") runs that function, which chooses by
+        measurement; one without runs the solver its chooser names."""
         check_keywords(self, keywords)
-        solver = self.resolve(keywords)
-        if solver is not self:
-            # a choosing mode passes on what the chosen solver takes; an option it would ignore is an error
-            unused = [name for name, value in keywords.items() if name not in solver.keywords and value is not None]
-            if unused:
-                raise TypeError(
-                    f"mode={self.name!r} chose {solver.name!r}, which does not take {', '.join(unused)}; "
-                    f"choose the mode yourself (mode=...) or leave out those options."
-                )
-            keywords = {name: value for name, value in keywords.items() if name in solver.keywords}
-        return solver.function(operator, num_eigenthings=num_eigenthings, **keywords)
+        if self.function is not None:
+            return self.function(operator, num_eigenthings=num_eigenthings, **keywords)
+        return run_chosen(self.name, self.chooser(keywords), operator, num_eigenthings, keywords)
+
+
+def run_chosen(mode: str, chosen: str, operator: Any, num_eigenthings: Any, keywords: dict) -> EigenResult:
+    """Run the solver registered as ``chosen`` for a choosing ``mode``, with the keywords it takes; an
+    option it would ignore is a TypeError."""
+    solver = get_solver(chosen)
+    unused = [name for name, value in keywords.items() if name not in solver.keywords and value is not None]
+    if unused:
+        raise TypeError(
+            f"mode={mode!r} chose {solver.name!r}, which does not take {', '.join(unused)}; "
+            f"choose the mode yourself (mode=...) or leave out those options."
+        )
+    keywords = {name: value for name, value in keywords.items() if name in solver.keywords}
+    return solver.function(operator, num_eigenthings=num_eigenthings, **keywords)
 
 
 _REGISTRY: dict[str, RegisteredSolver] = {}
@@ -103,10 +115,11 @@ def check_keywords(entry: RegisteredSolver, keywords: dict, extra: tuple = (), w
 
 
 def choose_auto(keywords: dict) -> str:
-    """``mode="auto"``: power iteration when given an option only it has (``momentum``,
-    ``power_iter_steps``, ``power_iter_err_threshold``: the call was written for the earlier default);
-    block Lanczos when given ``block_size``; otherwise thick-restart Lanczos, which needed the fewest
-    products and the least time on every CPU and GPU workload measured."""
+    """What ``mode="auto"`` runs before any measurement: power iteration when given an option only it
+    has (``momentum``, ``power_iter_steps``, ``power_iter_err_threshold``: the call was written for
+    the earlier default); block Lanczos when given ``block_size``; otherwise thick-restart Lanczos,
+    which :func:`~hessian_eigenthings.solvers.auto.auto_eigensolve` replaces by block Lanczos where
+    the operator's measured costs predict blocks to be faster."""
     if any(keywords.get(name) is not None for name in POWER_ONLY_KEYWORDS):
         return "power_iter"
     if keywords.get("block_size") is not None:
@@ -134,6 +147,7 @@ register_solver(
     summary="deflated power iteration (also for stochastic operators)",
 )
 register_solver(
-    "auto", None, _NATIVE | {"block_size"} | _POWER, krylov=True, chooser=choose_auto,
-    summary="thick_restart; block_lanczos when block_size is given; power_iter when given its options",
+    "auto", auto_eigensolve, _NATIVE | {"block_size"} | _POWER, krylov=True, chooser=choose_auto,
+    summary="thick_restart, or block_lanczos where measured costs predict it faster; block_lanczos when "
+            "block_size is given; power_iter when given its options",
 )
