@@ -114,7 +114,7 @@ def thread_oversubscription(
     cpus = usable_cpus() if cpus is None else cpus
     processes = _local_processes() if processes is None else processes
     advice = (
-        f"Call torch.set_num_threads(n) (or set OMP_NUM_THREADS=n before starting Python) with n at most the "
+        "Call torch.set_num_threads(n) (or set OMP_NUM_THREADS=n before starting Python) with n at most the "
         f"free cores per process; n=1 is the safe choice for models of up to a few million parameters."
     )
     if threads * processes > cpus:

@@ -16,17 +16,16 @@ graphs through it), and is stochastic when any part is.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..utils import logger
-from .base import Operator, as_operator
+from .base import Operator, WrappingOperator, as_operator
 
 
 def check_scalar(value: Any, what: str) -> float:
@@ -67,41 +66,7 @@ def check_compatible(first: Operator, other: Operator, action: str) -> None:
         )
 
 
-class _Wrapper(Operator):
-    """An operator made of other operators: passes their kept-work and deferred-check blocks through."""
-
-    def __init__(self, parts: Sequence[Operator], size: int) -> None:
-        super().__init__(size, parts[0].dtype, parts[0].device)
-        self._parts = list(parts)
-
-    @property
-    def is_stochastic(self) -> bool:  # type: ignore[override]
-        """True when any wrapped operator is."""
-        return any(part.is_stochastic for part in self._parts)
-
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
-        """Every wrapped operator's :meth:`Operator.frozen` block."""
-        with contextlib.ExitStack() as stack:
-            for part in self._parts:
-                stack.enter_context(part.frozen())
-            yield
-
-    @contextlib.contextmanager
-    def deferred_checks(self) -> Iterator[None]:
-        """Every wrapped operator's :meth:`Operator.deferred_checks` block."""
-        with contextlib.ExitStack() as stack:
-            for part in self._parts:
-                stack.enter_context(part.deferred_checks())
-            yield
-
-    def flush_checks(self) -> None:
-        """Every wrapped operator's :meth:`Operator.flush_checks`."""
-        for part in self._parts:
-            part.flush_checks()
-
-
-class LinearCombination(_Wrapper):
+class LinearCombination(WrappingOperator):
     """``sum_k a_k A_k + c I`` for symmetric operators ``A_k`` of one size, dtype and device.
 
     Built by the arithmetic of operators (``2 * H``, ``H - G``, ``H - 0.5``, ``-H / 3``); a combination
@@ -232,7 +197,7 @@ def orthonormal_columns(vectors: Union[Tensor, np.ndarray], operator: Operator) 
     return u[:, keep]
 
 
-class ProjectedOperator(_Wrapper):
+class ProjectedOperator(WrappingOperator):
     """``P A P`` with ``P = I - V V^T``: the operator ``A`` deflated by the orthonormal columns of ``V``.
 
     On the complement of ``range(V)`` it acts like ``P A P``; every vector of ``range(V)`` is mapped to
@@ -305,7 +270,7 @@ def parameter_indices(operator: Operator, names: Union[str, Sequence[str]]) -> t
     return torch.cat(ranges), chosen, chosen_sizes
 
 
-class SubmatrixOperator(_Wrapper):
+class SubmatrixOperator(WrappingOperator):
     """The principal submatrix ``A[idx][:, idx] = E^T A E`` of a symmetric operator, of size ``len(idx)``:
     ``v -> (A E v)[idx]`` with ``E`` the embedding that puts ``v`` at the rows ``idx`` (zeros elsewhere).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, Optional, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -249,6 +249,41 @@ class Operator:
         from .algebra import scale
 
         return scale(self, -1.0)
+
+
+class WrappingOperator(Operator):
+    """An operator made of other operators (``parts``, all of ``size``, in the first one's dtype and
+    device): passes their kept-work and deferred-check blocks through, and is stochastic when any part is."""
+
+    def __init__(self, parts: Sequence[Operator], size: int) -> None:
+        super().__init__(size, parts[0].dtype, parts[0].device)
+        self._parts = list(parts)
+
+    @property
+    def is_stochastic(self) -> bool:  # type: ignore[override]
+        """True when any wrapped operator is."""
+        return any(part.is_stochastic for part in self._parts)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every wrapped operator's :meth:`Operator.frozen` block."""
+        with contextlib.ExitStack() as stack:
+            for part in self._parts:
+                stack.enter_context(part.frozen())
+            yield
+
+    @contextlib.contextmanager
+    def deferred_checks(self) -> Iterator[None]:
+        """Every wrapped operator's :meth:`Operator.deferred_checks` block."""
+        with contextlib.ExitStack() as stack:
+            for part in self._parts:
+                stack.enter_context(part.deferred_checks())
+            yield
+
+    def flush_checks(self) -> None:
+        """Every wrapped operator's :meth:`Operator.flush_checks`."""
+        for part in self._parts:
+            part.flush_checks()
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -20,16 +20,16 @@ the optimizer.
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Operator, as_operator
+from .base import Operator, WrappingOperator, as_operator
 
 
-class PreconditionedOperator(Operator):
+class PreconditionedOperator(WrappingOperator):
     """``P^{-1/2} A P^{-1/2}`` for a symmetric operator ``A`` and a positive diagonal ``P = diag(p)``.
 
     Its eigenvalues are those of ``P^{-1} A``. An eigenvector ``u`` of this operator corresponds to
@@ -47,9 +47,8 @@ class PreconditionedOperator(Operator):
 
     def __init__(self, operator: Union[Operator, Tensor, np.ndarray], diagonal: Union[Tensor, np.ndarray]) -> None:
         inner = as_operator(operator)
-        super().__init__(inner.size, inner.dtype, inner.device)
+        super().__init__([inner], inner.size)
         self.operator = inner
-        self.is_stochastic = inner.is_stochastic
         self.inv_sqrt = check_diagonal(diagonal, inner).rsqrt()
 
     def _matvec(self, vec: Tensor) -> Tensor:
@@ -58,18 +57,6 @@ class PreconditionedOperator(Operator):
     def _matmat(self, mat: Tensor) -> Tensor:
         scale = self.inv_sqrt.unsqueeze(1)
         return scale * self.operator.apply_block(scale * mat)
-
-    def frozen(self) -> ContextManager[None]:
-        """The wrapped operator's :meth:`Operator.frozen` block."""
-        return self.operator.frozen()
-
-    def deferred_checks(self) -> ContextManager[None]:
-        """The wrapped operator's :meth:`Operator.deferred_checks` block."""
-        return self.operator.deferred_checks()
-
-    def flush_checks(self) -> None:
-        """The wrapped operator's :meth:`Operator.flush_checks`."""
-        self.operator.flush_checks()
 
     def to_original(self, vectors: Union[Tensor, np.ndarray]) -> Tensor:
         """Map eigenvectors of this operator to unit eigenvectors of ``P^{-1} A``.

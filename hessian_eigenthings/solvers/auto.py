@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..operators.base import Operator, as_operator, runs_frozen
+from ..operators.base import Operator, WrappingOperator, as_operator, runs_frozen
 from ..operators.plans import MIN_TRIAL_SECONDS, SLOW_SECOND_PASS, PlanBook
 from ..utils import check_num_eigenthings, check_positive_int, logger
 from .block_lanczos import block_lanczos
@@ -323,14 +323,13 @@ class _Session:
         return options
 
 
-class _Watch(Operator):
+class _Watch(WrappingOperator):
     """``operator`` as seen by thick-restart Lanczos in ``auto``: every product passes through, and
     ``after_product`` is called after each one (it may time a probe and raise :class:`_Switch`)."""
 
     def __init__(self, operator: Operator, after_product: Callable[[], None]) -> None:
-        super().__init__(operator.size, operator.dtype, operator.device)
+        super().__init__([operator], operator.size)
         self.base = operator
-        self.is_stochastic = operator.is_stochastic
         self.after_product = after_product
 
     def _matvec(self, vec: Tensor) -> Tensor:
@@ -343,17 +342,8 @@ class _Watch(Operator):
         self.after_product()
         return out
 
-    def frozen(self) -> Any:
-        return self.base.frozen()
 
-    def deferred_checks(self) -> Any:
-        return self.base.deferred_checks()
-
-    def flush_checks(self) -> None:
-        self.base.flush_checks()
-
-
-class _Replay(Operator):
+class _Replay(WrappingOperator):
     """``operator`` whose first block product is answered from products already computed.
 
     ``inputs`` (n, p) orthonormal columns and ``outputs`` = operator @ inputs. A column of the first
@@ -363,9 +353,8 @@ class _Replay(Operator):
     """
 
     def __init__(self, operator: Operator, inputs: Tensor, outputs: Tensor) -> None:
-        super().__init__(operator.size, operator.dtype, operator.device)
+        super().__init__([operator], operator.size)
         self.base = operator
-        self.is_stochastic = operator.is_stochastic
         self._memo: Optional[tuple[Tensor, Tensor]] = (inputs, outputs)
         self.replayed = 0
 
@@ -390,15 +379,6 @@ class _Replay(Operator):
                 self.base.apply(missing[:, 0]).unsqueeze(1)
         self.replayed = int(inside.sum())
         return out
-
-    def frozen(self) -> Any:
-        return self.base.frozen()
-
-    def deferred_checks(self) -> Any:
-        return self.base.deferred_checks()
-
-    def flush_checks(self) -> None:
-        self.base.flush_checks()
 
 
 def span_coefficients(basis: Tensor, mat: Tensor, tol: float, rows: int = 2**20) -> tuple[Tensor, Tensor]:
