@@ -115,21 +115,22 @@ def main(argv: Optional[Sequence[str]] = None) -> SharpnessTracker:
           f"(2/lr = {threshold:.4g}), {args.loss} loss; top {args.k} eigenvalue(s) every {args.every} steps.")
 
     start = time.perf_counter()
-    bar = progress(range(args.steps + 1), desc="GD", verbose=not args.quiet)
-    for step in bar:
-        record = tracker.step(step)
-        if record is not None:
-            bar.set_postfix(sharpness=f"{record.sharpness:.4g}", loss=f"{record.extras['loss']:.4g}")
-        if step == args.steps:
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(inputs), targets)
-        if not math.isfinite(loss.item()):
-            print(f"Training diverged at step {step} (loss {loss.item()}); lower --lr.")
-            break
-        loss.backward()
-        optimizer.step()
-    bar.close()
+    with tracker:  # releases the log (and its lock) when training ends, also on error
+        bar = progress(range(args.steps + 1), desc="GD", verbose=not args.quiet)
+        for step in bar:
+            record = tracker.step(step)
+            if record is not None:
+                bar.set_postfix(sharpness=f"{record.sharpness:.4g}", loss=f"{record.extras['loss']:.4g}")
+            if step == args.steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(inputs), targets)
+            if not math.isfinite(loss.item()):
+                print(f"Training diverged at step {step} (loss {loss.item()}); lower --lr.")
+                break
+            loss.backward()
+            optimizer.step()
+        bar.close()
     seconds = time.perf_counter() - start
 
     records = tracker.records

@@ -71,6 +71,7 @@ def test_example_script_writes_the_log_and_the_plot(tmp_path, model, log_format,
                                        "--quiet"])
     finally:
         torch.set_num_threads(threads)
+    assert tracker.closed  # the example releases the log and its lock when training ends
     log = tmp_path / f"sharpness.{log_format}"
     assert (tmp_path / "sharpness.png").stat().st_size > 1000
     assert [r.step for r in read_log(log)] == [0, 10, 20]
