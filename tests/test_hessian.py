@@ -21,6 +21,7 @@ from helpers import (
 from hessian_eigenthings import (
     GGNOperator,
     Hessian,
+    PCHOperator,
     compute_hessian_eigenthings,
     hessian_density,
     hessian_trace,
@@ -202,7 +203,31 @@ def test_ggn_and_fisher_views_are_their_operators(problem):
     assert torch.allclose(h.fisher().dense(), fisher, rtol=1e-9, atol=1e-12)
     assert Hessian(model, data, F.cross_entropy, curvature="ggn", verbose=False).curvature == "ggn"
     loop = h.fisher(per_sample="loop")  # options make a new view
-    assert loop.operator.per_sample == "loop" and h.fisher() is loop
+    assert loop.operator.per_sample == "loop" and h.fisher(per_sample="loop") is loop
+    assert h.fisher() is not loop and h.fisher().operator.per_sample != "loop"  # the view without options
+
+
+def block_mask(model: nn.Module) -> torch.Tensor:
+    """True on the diagonal blocks of each parameter tensor (the PCH's default block structure)."""
+    sizes = [p.numel() for p in model.parameters()]
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return owner[:, None] == owner[None, :]
+
+
+def test_pch_view_keeps_or_drops_the_residual_as_the_hessian_or_ggn_blocks(problem):
+    model, _, _, data, hessian, ggn = problem
+    h = Hessian(model, data, F.cross_entropy, verbose=False)
+    mask = block_mask(model)
+    assert torch.allclose(h.pch(residual="keep").dense(), hessian * mask, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(h.pch(residual="drop").dense(), ggn * mask, rtol=1e-9, atol=1e-12)
+    pch = h.pch().dense()
+    direct = PCHOperator(model, data, F.cross_entropy, use_gpu=False)
+    assert torch.allclose(pch, direct.apply_block(torch.eye(direct.size, dtype=torch.float64)), rtol=1e-9, atol=1e-12)
+    lowest = torch.linalg.eigvalsh(pch)
+    assert lowest[0] >= -1e-12 * lowest[-1]  # positive semi-definite
+    assert not torch.allclose(pch, hessian * mask, rtol=1e-3)  # the tanh residuals were made positive
+    top = h.pch().eigenvalues(2, which="LA")
+    assert np.allclose(top.eigenvalues, lowest.numpy()[::-1][:2], rtol=1e-8)
 
 
 def test_options_reach_the_operator_and_views_take_what_their_class_takes(problem):

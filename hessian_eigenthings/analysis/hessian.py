@@ -60,7 +60,7 @@ class _Family:
         self.options = options  # the user's keyword options of the operator
         self.verbose = verbose
         self.root: Optional[ModelOperator] = None
-        self.views: dict[str, "Hessian"] = {}
+        self.views: dict[tuple[str, str], "Hessian"] = {}  # by curvature and the view's own options
         self.stack: Optional[contextlib.ExitStack] = None
         self.depth = 0  # nesting of with blocks
         self._frozen: "weakref.WeakSet[ModelOperator]" = weakref.WeakSet()
@@ -168,8 +168,8 @@ class Hessian:
             samples).
         data: PyHessian's spelling for a single batch: ``Hessian(model, criterion, data=(inputs,
             targets))`` (the criterion may then come second, as in PyHessian).
-        curvature: "hessian" (default), "ggn" (:class:`GGNOperator`) or "fisher"
-            (:class:`EmpiricalFisherOperator`).
+        curvature: "hessian" (default), "ggn" (:class:`GGNOperator`), "fisher"
+            (:class:`EmpiricalFisherOperator`) or "pch" (:class:`PCHOperator`).
         use_gpu, fp16, max_possible_gpu_samples: as for :class:`HVPOperator`.
         verbose: progress bars of every call (a call's own ``verbose=`` overrides it).
         **operator_options: any keyword option of the curvature's operator class (``params``,
@@ -214,7 +214,7 @@ class Hessian:
         self._options = dict(options)  # this view's own options, beyond the family's
         self.operator = family.build(curvature, options)
         self._eigen: Optional[tuple[EigenResult, tuple]] = None
-        family.views[curvature] = self
+        family.views[(curvature, _options_key(options))] = self
         family.hold(self.operator)
 
     # -- what it analyses ---------------------------------------------------------------------------
@@ -264,14 +264,16 @@ class Hessian:
 
     # -- views ----------------------------------------------------------------------------------------
     def view(self, curvature: str, **options: Any) -> "Hessian":
-        """The same analysis of another curvature ("hessian", "ggn" or "fisher"), sharing this object's
-        data, batch cache and ``with`` block. Views are made once and then returned again; given
-        ``options`` (keyword options of that curvature's operator class, e.g. ``per_sample="loop"``
-        for the Fisher), a new view is made with them."""
+        """The same analysis of another curvature ("hessian", "ggn", "fisher" or "pch"), sharing this object's
+        data, batch cache and ``with`` block. ``options`` are keyword options of that curvature's
+        operator class (e.g. ``per_sample="loop"`` for the Fisher) beyond the object's own. A view
+        is made once for each curvature and options and then returned again: ``h.fisher()`` is
+        always the view without options of its own."""
         _check_curvature(curvature)
         family = self._family
-        if curvature in family.views and not options:
-            return family.views[curvature]
+        key = (curvature, _options_key(options))
+        if key in family.views:
+            return family.views[key]
         other = object.__new__(Hessian)
         other._attach(family, curvature, options)
         return other
@@ -287,6 +289,11 @@ class Hessian:
     def fisher(self, **options: Any) -> "Hessian":
         """The empirical Fisher view (see :meth:`view` and :class:`EmpiricalFisherOperator`)."""
         return self.view("fisher", **options)
+
+    def pch(self, **options: Any) -> "Hessian":
+        """The positive-curvature Hessian view, block diagonal and positive semi-definite (see :meth:`view`
+        and :class:`PCHOperator`; e.g. ``residual="clip"``, ``blocks="module"``)."""
+        return self.view("pch", **options)
 
     # -- spectrum -----------------------------------------------------------------------------------
     def eigenvalues(self, k: int = 10, which: str = "LM", *, mode: str = "auto", **solver_options: Any) -> EigenResult:
@@ -416,7 +423,8 @@ class Hessian:
                 parameter names / module prefixes / tensors (or lists of them, one group each), or
                 ``{label: names}`` (see :func:`~hessian_eigenthings.analysis.parameter_groups`).
             depth: instead of ``groups``, one group per module at this depth (1: top-level children).
-            curvatures: which matrices, e.g. ``("hessian", "ggn")``; default this object's own.
+            curvatures: which matrices, e.g. ``("hessian", "ggn")``; default this object's own (with this
+                view's options; the others without options of their own).
             exact_max_size: largest block formed densely (0: estimate every block of 3+ parameters).
             mode, tol: the eigensolver and its relative residual tolerance.
             trace_method, frobenius_method, max_products, rtol: the estimators and their budget
@@ -440,7 +448,7 @@ class Hessian:
         family = self._family
 
         def block(curvature: str, names: list[str]) -> ModelOperator:
-            extra = family.views[curvature]._options if curvature in family.views else {}
+            extra = self._options if curvature == self.curvature else {}
             return family.build(curvature, extra, params=names)
 
         return summarize_groups(found, curvatures, block, settings, self.verbose if verbose is None else verbose)
@@ -545,6 +553,10 @@ class Hessian:
                 rows.append(check_directions(spec, self.operator, 1)[0])
                 labels.append("your direction")
         return rows, labels, (values if len(values) == len(specs) else None)
+
+
+def _options_key(options: Mapping[str, Any]) -> str:
+    return repr(sorted(options.items()))
 
 
 def _check_curvature(curvature: Any) -> None:
