@@ -36,6 +36,7 @@ from .landscape import (
     Landscape1D,
     Landscape2D,
     check_directions,
+    check_grid,
     filter_normalized_direction,
     landscape_1d,
     landscape_2d,
@@ -487,6 +488,8 @@ class Hessian:
             A :class:`Landscape1D`; ``.plot(path)`` draws it.
         """
         verbose = self.verbose if verbose is None else verbose
+        if alphas is None:
+            check_grid(radius, steps)  # before any eigenvector is computed
         rows, labels, eigenvalues = self._directions([direction], seed, biases)
         return landscape_1d(self.operator, rows[0], alphas, radius=radius, steps=steps,
                             random=isinstance(direction, str), label=labels[0], curvature_kind=self.curvature,
@@ -519,6 +522,8 @@ class Hessian:
             raise TypeError("directions must be a pair, e.g. (0, 1) for the top two eigenvectors or "
                             "('random', 'random').")
         verbose = self.verbose if verbose is None else verbose
+        if alphas is None or betas is None:
+            check_grid(radius, steps)  # before any eigenvector is computed
         rows, labels, eigenvalues = self._directions(list(directions), seed, biases)
         return landscape_2d(self.operator, torch.stack(rows), alphas, betas, radius=radius, steps=steps,
                             random=[isinstance(d, str) for d in directions], labels=labels,

@@ -1,0 +1,48 @@
+"""Second-look checks of the Hessian object: wrong arguments caught before any work, with errors
+that say what to do, and the model and random state left as they were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from analysis_helpers import flat_params, loss_at
+from helpers import assert_model_unchanged, batches, classification_data, model_snapshot, small_mlp
+from hessian_eigenthings import Hessian
+
+F = nn.functional
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = small_mlp(width=6)
+    x, y = classification_data(num=60)
+    return model, x, y, batches(x, y, [25, 20, 15])
+
+
+def test_a_grid_of_fewer_than_two_steps_is_refused_before_any_product(problem):
+    model, _, _, data = problem
+    h = Hessian(model, data, F.cross_entropy, verbose=False)
+    d = torch.ones(h.size, dtype=torch.float64)
+    before, rng = model_snapshot(model), torch.get_rng_state()
+    first = h.operator.num_products
+    # one step is a single point at -radius: neither the current parameters nor a curve
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        h.landscape_1d(d, steps=1)
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        h.landscape_2d((d, -d), steps=1)
+    with pytest.raises(ValueError, match="radius must be a positive"):
+        h.landscape_1d(d, radius=0.0)
+    assert h.operator.num_products == first  # refused before the gradient and the products
+    assert_model_unchanged(model, before)
+    assert torch.equal(rng, torch.get_rng_state())
+    # given steps, the grid's own count is not used
+    curve = h.landscape_1d(d, alphas=[0.0, 0.1], steps=1)
+    assert curve.losses.shape == (2,)
+    # an eigenvector direction: refused before the eigenvectors are computed
+    fresh = Hessian(model, data, F.cross_entropy, verbose=False)
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        fresh.landscape_1d(0, steps=1)
+    assert fresh.eigenpairs is None and fresh.operator.num_products == 0
