@@ -46,3 +46,13 @@ def test_a_grid_of_fewer_than_two_steps_is_refused_before_any_product(problem):
     with pytest.raises(ValueError, match="steps must be at least 2"):
         fresh.landscape_1d(0, steps=1)
     assert fresh.eigenpairs is None and fresh.operator.num_products == 0
+
+
+def test_an_eigenvector_index_beyond_the_solvable_ones_names_the_index(problem):
+    model, _, _, data = problem
+    h = Hessian(model, data, F.cross_entropy, verbose=False)
+    with pytest.raises(ValueError, match=f"eigenvector index {h.size} .* n={h.size}"):
+        h.landscape_1d(h.size)
+    with pytest.raises(ValueError, match="eigenvector index"):
+        h.landscape_2d((0, h.size + 5))
+    assert h.eigenpairs is None

@@ -534,6 +534,13 @@ class Hessian:
         indices = [s for s in specs if _is_index(s)]
         if any(i < 0 for i in indices):
             raise ValueError(f"an eigenvector index must be >= 0, got {min(indices)}.")
+        if indices and max(indices) >= self.size - 1:
+            # index i needs the top i + 1 eigenpairs, and the iterative solvers find fewer than n
+            raise ValueError(
+                f"eigenvector index {max(indices)} is out of reach: the landscapes compute the top (index + 1) "
+                f"eigenpairs iteratively, which needs index + 1 < n={self.size}. Pass the eigenvector itself as "
+                f"the direction (e.g. from torch.linalg.eigh(h.dense())), or a smaller index."
+            )
         pairs = None
         if indices:
             pairs = self.eigenpairs
