@@ -56,3 +56,19 @@ def test_an_eigenvector_index_beyond_the_solvable_ones_names_the_index(problem):
     with pytest.raises(ValueError, match="eigenvector index"):
         h.landscape_2d((0, h.size + 5))
     assert h.eigenpairs is None
+
+
+def test_2d_takes_the_two_directions_as_rows_of_one_array(problem):
+    model, x, y, data = problem
+    h = Hessian(model, data, F.cross_entropy, verbose=False)
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(2, h.size, generator=gen, dtype=torch.float64)
+    surface = h.landscape_2d(rows, alphas=[-0.1, 0.2], betas=[0.0, 0.3])
+    same = h.landscape_2d(rows.numpy(), alphas=[-0.1, 0.2], betas=[0.0, 0.3])
+    _, _, theta = flat_params(model)
+    expected = [[loss_at(model, F.cross_entropy, x, y, theta + a * rows[0] + b * rows[1]) for b in (0.0, 0.3)]
+                for a in (-0.1, 0.2)]
+    assert np.allclose(surface.losses, expected, rtol=1e-12, atol=0)
+    assert np.array_equal(same.losses, surface.losses)
+    with pytest.raises(TypeError, match="must be a pair"):
+        h.landscape_2d(torch.randn(3, h.size, generator=gen, dtype=torch.float64))

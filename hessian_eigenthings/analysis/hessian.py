@@ -510,17 +510,19 @@ class Hessian:
         """The exact loss on the plane of two directions, ``L(theta + alpha d1 + beta d2)`` on a grid,
         with its quadratic model (cross term ``d1^T A d2`` included).
 
-        ``directions`` are two of what :meth:`landscape_1d` takes (default: the top two
-        eigenvectors; ``("random", "random")`` for the plot of Li et al., with seeds ``seed`` and
-        ``seed + 1``). Each axis gets its own default steps (``steps`` points, ``radius`` as in
+        ``directions`` are two of what :meth:`landscape_1d` takes, or one (2, n) array with two
+        vectors as rows (default: the top two eigenvectors; ``("random", "random")`` for the plot of
+        Li et al., with seeds ``seed`` and ``seed + 1``). Each axis gets its own default steps (``steps`` points, ``radius`` as in
         :meth:`landscape_1d`). Costs one gradient, two products and ``steps**2`` forward passes.
 
         Returns:
             A :class:`Landscape2D`; ``.plot(path)`` draws it.
         """
+        if isinstance(directions, (Tensor, np.ndarray)) and directions.ndim == 2 and directions.shape[0] == 2:
+            directions = list(directions)  # the two directions as the rows of one array
         if isinstance(directions, (str, Tensor, np.ndarray)) or len(directions) != 2:
-            raise TypeError("directions must be a pair, e.g. (0, 1) for the top two eigenvectors or "
-                            "('random', 'random').")
+            raise TypeError("directions must be a pair, e.g. (0, 1) for the top two eigenvectors, "
+                            "('random', 'random'), two vectors (n,), or one (2, n) array of them as rows.")
         verbose = self.verbose if verbose is None else verbose
         if alphas is None or betas is None:
             check_grid(radius, steps)  # before any eigenvector is computed
