@@ -72,3 +72,9 @@ def test_2d_takes_the_two_directions_as_rows_of_one_array(problem):
     assert np.array_equal(same.losses, surface.losses)
     with pytest.raises(TypeError, match="must be a pair"):
         h.landscape_2d(torch.randn(3, h.size, generator=gen, dtype=torch.float64))
+
+
+def test_pyhessians_cuda_keyword_is_named_with_ours(problem):
+    model, x, y, _ = problem
+    with pytest.raises(TypeError, match="use_gpu="):
+        Hessian(model, F.cross_entropy, data=(x, y), cuda=False)

@@ -201,6 +201,11 @@ class Hessian:
                 "Hessian always uses the whole dataset (its estimators need the same operator for every product), "
                 "so it takes no full_dataset; for one mini-batch pass data=(inputs, targets)."
             )
+        if "cuda" in operator_options:
+            raise TypeError(
+                "Hessian takes no cuda=; PyHessian's cuda=True/False is use_gpu=True/False here (the default "
+                "use_gpu=True computes on the GPU when there is one)."
+            )
         _check_curvature(curvature)
         check_operator_options("Hessian", CURVATURES[curvature], operator_options)
         check_bool(verbose, "verbose")
