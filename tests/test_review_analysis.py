@@ -74,7 +74,9 @@ def test_2d_takes_the_two_directions_as_rows_of_one_array(problem):
         h.landscape_2d(torch.randn(3, h.size, generator=gen, dtype=torch.float64))
 
 
-def test_pyhessians_cuda_keyword_is_named_with_ours(problem):
+def test_pyhessians_keywords_are_named_with_ours(problem):
     model, x, y, _ = problem
     with pytest.raises(TypeError, match="use_gpu="):
         Hessian(model, F.cross_entropy, data=(x, y), cuda=False)
+    with pytest.raises(TypeError, match="as loss="):
+        Hessian(model, data=(x, y), criterion=F.cross_entropy)

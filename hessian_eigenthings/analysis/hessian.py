@@ -206,6 +206,9 @@ class Hessian:
                 "Hessian takes no cuda=; PyHessian's cuda=True/False is use_gpu=True/False here (the default "
                 "use_gpu=True computes on the GPU when there is one)."
             )
+        if "criterion" in operator_options:
+            raise TypeError("Hessian takes the criterion as loss= (or positionally: Hessian(model, dataloader, loss) "
+                            "or Hessian(model, loss, data=(inputs, targets))), not criterion=.")
         _check_curvature(curvature)
         check_operator_options("Hessian", CURVATURES[curvature], operator_options)
         check_bool(verbose, "verbose")
