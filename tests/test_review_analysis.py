@@ -80,3 +80,70 @@ def test_pyhessians_keywords_are_named_with_ours(problem):
         Hessian(model, F.cross_entropy, data=(x, y), cuda=False)
     with pytest.raises(TypeError, match="as loss="):
         Hessian(model, data=(x, y), criterion=F.cross_entropy)
+
+
+class DictBatchNormNet(nn.Module):
+    """Keyword inputs, BatchNorm (analysed in eval mode) and a curved activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.bn, self.act, self.l2 = nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(self.act(self.bn(self.l1(x))))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_dict_inputs_batchnorm_unequal_micro_batches_against_dense_references(reduction):
+    torch.manual_seed(3)
+    model = DictBatchNormNet().double()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.train()  # analysed in eval mode; left in train mode
+    x, y = classification_data(num=23, din=4, classes=3, seed=5)
+    data = [({"x": xb}, yb) for xb, yb in batches(x, y, [10, 7, 6])]
+
+    def criterion(outputs, targets):
+        return F.cross_entropy(outputs, targets, reduction=reduction)
+
+    model.eval()
+    names, params, theta = flat_params(model)
+    hessian = torch.autograd.functional.hessian(
+        lambda flat: criterion(torch.func.functional_call(model, _pieces(flat, names, params), (x,)), y), theta)
+    model.train()
+    before, rng = model_snapshot(model), torch.get_rng_state()
+    h = Hessian(model, data, criterion, max_possible_gpu_samples=4, verbose=False)
+    values = h.eigenvalues(2, which="LA").eigenvalues
+    assert np.allclose(values, np.linalg.eigvalsh(hessian.numpy())[::-1][:2], rtol=1e-8)
+    for row in h.per_layer():
+        index = _index_of(row.params, names, params)
+        block = hessian[index][:, index]
+        assert row.exact and row.top_eigenvalue == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-10)
+        assert row.trace == pytest.approx(float(block.trace()), rel=1e-10, abs=1e-13)
+        assert row.frobenius == pytest.approx(float(block.norm()), rel=1e-10)
+    curve = h.landscape_1d(0, steps=3)
+    assert curve.curvature == pytest.approx(values[0], rel=1e-8) and curve.reduction == reduction
+    model.eval()
+    expected = [float(criterion(torch.func.functional_call(model, _pieces(theta + a * curve.direction, names, params),
+                                                           (x,)), y)) for a in curve.alphas]
+    model.train()
+    assert np.allclose(curve.losses, expected, rtol=1e-12, atol=0)
+    assert_model_unchanged(model, before)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def _pieces(flat, names, params):
+    out, start = {}, 0
+    for name, p in zip(names, params):
+        out[name] = flat[start : start + p.numel()].view_as(p)
+        start += p.numel()
+    return out
+
+
+def _index_of(group, names, params):
+    index, start = [], 0
+    for name, p in zip(names, params):
+        if name in group:
+            index.extend(range(start, start + p.numel()))
+        start += p.numel()
+    return torch.tensor(index)
