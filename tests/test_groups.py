@@ -93,3 +93,20 @@ def test_bad_groups_get_clear_errors():
         parameter_groups(model, everything, [3])
     with pytest.raises(ValueError, match="depth must be a positive integer"):
         parameter_groups(model, everything, depth=0)
+
+
+def test_a_module_prefix_takes_its_trainable_parameters_and_skips_frozen_ones():
+    model = Net()
+    model.head.bias.requires_grad_(False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    # the same group as the default one of the module
+    assert parameter_groups(model, trainable, ["head"]) == {"head": ["head.weight"]}
+    assert parameter_groups(model, trainable)["head"] == ["head.weight"]
+    # a frozen parameter named on its own is still refused, and so is a prefix with nothing trainable
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        parameter_groups(model, trainable, ["head.bias"])
+    model.head.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        parameter_groups(model, [n for n in trainable if n != "head.weight"], ["head"])
+    with pytest.raises(ValueError, match="a group is empty"):
+        parameter_groups(model, trainable, {"nothing": []})

@@ -99,7 +99,7 @@ def _user_groups(
     for label, spec in items:
         if label in out:
             raise ValueError(f"groups: the label {label!r} is used twice; give each group its own label.")
-        names, _ = select_parameters(model, spec)
+        names = _group_names(model, spec)
         outside = [name for name in names if name not in order]
         if outside:
             raise ValueError(
@@ -108,3 +108,26 @@ def _user_groups(
             )
         out[label] = names
     return out
+
+
+def _group_names(model: nn.Module, spec: GroupSpec) -> list[str]:
+    """The parameter names of one group, in the model's order. A module prefix takes the trainable
+    parameters below it (frozen ones are never analysed, as in the default groups); a parameter
+    named on its own, or given as a tensor, must be trainable."""
+    items = [spec] if isinstance(spec, (str, Tensor)) else list(spec)
+    named = list(model.named_parameters())
+    wanted: set[str] = set()
+    for item in items:
+        if isinstance(item, str) and item not in dict(named):
+            below = [(n, p) for n, p in named if n.startswith(item + ".")]
+            trainable = [n for n, p in below if p.requires_grad]
+            if below and not trainable:
+                raise ValueError(f"groups: every parameter below {item!r} has requires_grad=False, so none is "
+                                 f"analysed; leave {item!r} out or unfreeze its parameters.")
+            if trainable:
+                wanted.update(trainable)
+                continue
+        wanted.update(select_parameters(model, [item])[0])  # names, tensors; its errors say what is wrong
+    if not wanted:
+        raise ValueError("groups: a group is empty; give each group at least one parameter name or module prefix.")
+    return [n for n, _ in named if n in wanted]

@@ -36,6 +36,7 @@ from .landscape import (
     Landscape1D,
     Landscape2D,
     check_directions,
+    check_grid,
     filter_normalized_direction,
     landscape_1d,
     landscape_2d,
@@ -200,6 +201,14 @@ class Hessian:
                 "Hessian always uses the whole dataset (its estimators need the same operator for every product), "
                 "so it takes no full_dataset; for one mini-batch pass data=(inputs, targets)."
             )
+        if "cuda" in operator_options:
+            raise TypeError(
+                "Hessian takes no cuda=; PyHessian's cuda=True/False is use_gpu=True/False here (the default "
+                "use_gpu=True computes on the GPU when there is one)."
+            )
+        if "criterion" in operator_options:
+            raise TypeError("Hessian takes the criterion as loss= (or positionally: Hessian(model, dataloader, loss) "
+                            "or Hessian(model, loss, data=(inputs, targets))), not criterion=.")
         _check_curvature(curvature)
         check_operator_options("Hessian", CURVATURES[curvature], operator_options)
         check_bool(verbose, "verbose")
@@ -487,6 +496,8 @@ class Hessian:
             A :class:`Landscape1D`; ``.plot(path)`` draws it.
         """
         verbose = self.verbose if verbose is None else verbose
+        if alphas is None:
+            check_grid(radius, steps)  # before any eigenvector is computed
         rows, labels, eigenvalues = self._directions([direction], seed, biases)
         return landscape_1d(self.operator, rows[0], alphas, radius=radius, steps=steps,
                             random=isinstance(direction, str), label=labels[0], curvature_kind=self.curvature,
@@ -507,18 +518,22 @@ class Hessian:
         """The exact loss on the plane of two directions, ``L(theta + alpha d1 + beta d2)`` on a grid,
         with its quadratic model (cross term ``d1^T A d2`` included).
 
-        ``directions`` are two of what :meth:`landscape_1d` takes (default: the top two
-        eigenvectors; ``("random", "random")`` for the plot of Li et al., with seeds ``seed`` and
-        ``seed + 1``). Each axis gets its own default steps (``steps`` points, ``radius`` as in
+        ``directions`` are two of what :meth:`landscape_1d` takes, or one (2, n) array with two
+        vectors as rows (default: the top two eigenvectors; ``("random", "random")`` for the plot of
+        Li et al., with seeds ``seed`` and ``seed + 1``). Each axis gets its own default steps (``steps`` points, ``radius`` as in
         :meth:`landscape_1d`). Costs one gradient, two products and ``steps**2`` forward passes.
 
         Returns:
             A :class:`Landscape2D`; ``.plot(path)`` draws it.
         """
+        if isinstance(directions, (Tensor, np.ndarray)) and directions.ndim == 2 and directions.shape[0] == 2:
+            directions = list(directions)  # the two directions as the rows of one array
         if isinstance(directions, (str, Tensor, np.ndarray)) or len(directions) != 2:
-            raise TypeError("directions must be a pair, e.g. (0, 1) for the top two eigenvectors or "
-                            "('random', 'random').")
+            raise TypeError("directions must be a pair, e.g. (0, 1) for the top two eigenvectors, "
+                            "('random', 'random'), two vectors (n,), or one (2, n) array of them as rows.")
         verbose = self.verbose if verbose is None else verbose
+        if alphas is None or betas is None:
+            check_grid(radius, steps)  # before any eigenvector is computed
         rows, labels, eigenvalues = self._directions(list(directions), seed, biases)
         return landscape_2d(self.operator, torch.stack(rows), alphas, betas, radius=radius, steps=steps,
                             random=[isinstance(d, str) for d in directions], labels=labels,
@@ -529,6 +544,13 @@ class Hessian:
         indices = [s for s in specs if _is_index(s)]
         if any(i < 0 for i in indices):
             raise ValueError(f"an eigenvector index must be >= 0, got {min(indices)}.")
+        if indices and max(indices) >= self.size - 1:
+            # index i needs the top i + 1 eigenpairs, and the iterative solvers find fewer than n
+            raise ValueError(
+                f"eigenvector index {max(indices)} is out of reach: the landscapes compute the top (index + 1) "
+                f"eigenpairs iteratively, which needs index + 1 < n={self.size}. Pass the eigenvector itself as "
+                f"the direction (e.g. from torch.linalg.eigh(h.dense())), or a smaller index."
+            )
         pairs = None
         if indices:
             pairs = self.eigenpairs

@@ -172,17 +172,29 @@ def filter_normalized_direction(
 RISE = 4.0
 
 
+def check_grid(radius: Optional[float], steps: int) -> int:
+    """``steps`` as an int of at least 2, after checking that ``radius`` is None or a positive number;
+    a ValueError/TypeError saying what to pass otherwise."""
+    if radius is not None and (isinstance(radius, bool) or not (
+            isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0)):
+        raise ValueError(f"radius must be a positive number, got {radius!r}.")
+    steps = check_positive_int(steps, "steps")
+    if steps < 2:
+        # One point of linspace(-r, r, 1) is -r alone: not the current parameters, not a curve.
+        raise ValueError(f"steps must be at least 2 (the grid runs from -radius to radius), got {steps}; pass "
+                         f"alphas= for points of your own.")
+    return steps
+
+
 def default_steps(radius: Optional[float], steps: int, loss0: float, curvature: float, random: bool) -> np.ndarray:
     """``steps`` points evenly in ``[-radius, radius]``. Default radius: 1 for a filter-normalised random
     direction (the scale of the parameters themselves); otherwise where ``alpha^2 / 2 |d^T A d|``
     reaches ``RISE`` times ``|L0|`` (1 where the curvature or the loss is zero)."""
-    steps = check_positive_int(steps, "steps")
+    steps = check_grid(radius, steps)
     if radius is None:
         scale = abs(loss0) if loss0 != 0 else 1.0
         radius = 1.0 if random or curvature == 0 or not math.isfinite(curvature) else math.sqrt(
             2 * RISE * scale / abs(curvature))
-    if isinstance(radius, bool) or not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius must be a positive number, got {radius!r}.")
     return np.linspace(-radius, radius, steps)
 
 
@@ -264,7 +276,10 @@ def landscape_1d(
         eigenvalue: the eigenvalue, where ``direction`` is an eigenvector.
         verbose: progress bar over the points.
     """
-    alphas = None if alphas is None else check_steps(alphas, "alphas")
+    if alphas is None:
+        check_grid(radius, steps)
+    else:
+        alphas = check_steps(alphas, "alphas")
     rows = check_directions(direction, operator, 1)
     first = operator.num_products
     loss0, slopes, curvatures, theta = _quadratic_terms(operator, rows)
@@ -303,6 +318,8 @@ def landscape_2d(
     """
     alphas = None if alphas is None else check_steps(alphas, "alphas")
     betas = None if betas is None else check_steps(betas, "betas")
+    if alphas is None or betas is None:
+        check_grid(radius, steps)
     rows = check_directions(directions, operator, 2)
     first = operator.num_products
     loss0, slopes, curvatures, theta = _quadratic_terms(operator, rows)
