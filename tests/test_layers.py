@@ -122,6 +122,8 @@ def test_table_text_and_records():
     assert table.get("head", "ggn").top_eigenvalue == 2.5 and table.get("head").mean_eigenvalue == 9.0 / 44
     with pytest.raises(KeyError, match="groups: encoder, head"):
         table.get("tail")
+    ggn_only = LayerTable([row for row in table if row.curvature == "ggn"])
+    assert ggn_only.get("head").curvature == "ggn"  # a table of another curvature needs no curvature named
     assert table.to_dicts()[0]["params"] == ("encoder.weight",) and table.to_dicts()[1]["size"] == 44
 
 

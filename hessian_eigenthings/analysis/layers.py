@@ -87,8 +87,11 @@ class LayerTable(list):
         """The group labels, in order of first appearance."""
         return list(dict.fromkeys(row.name for row in self))
 
-    def get(self, name: str, curvature: str = "hessian") -> LayerSummary:
-        """The record of group ``name`` for ``curvature`` (KeyError if there is none)."""
+    def get(self, name: str, curvature: Optional[str] = None) -> LayerSummary:
+        """The record of group ``name`` for ``curvature`` (default: the table's first curvature, the
+        analysed object's own; KeyError if there is no such record)."""
+        if curvature is None:
+            curvature = self[0].curvature if len(self) else "hessian"
         for row in self:
             if row.name == name and row.curvature == curvature:
                 return row
