@@ -82,6 +82,13 @@ def test_pyhessians_keywords_are_named_with_ours(problem):
         Hessian(model, data=(x, y), criterion=F.cross_entropy)
 
 
+def test_a_list_of_two_batches_as_data_is_refused_not_read_as_one_pair(problem):
+    model, x, y, _ = problem
+    with pytest.raises(TypeError, match="list of two batches"):
+        Hessian(model, F.cross_entropy, data=[(x[:5], y[:5]), (x[5:], y[5:])])
+    assert Hessian(model, F.cross_entropy, data=[x, y], verbose=False).size > 0  # a list pair is still one batch
+
+
 class DictBatchNormNet(nn.Module):
     """Keyword inputs, BatchNorm (analysed in eval mode) and a curved activation."""
 

@@ -127,6 +127,12 @@ def _data_and_loss(dataloader: Any, loss: Any, data: Any) -> tuple[Any, Callable
                 f"{' of length ' + str(len(data)) if isinstance(data, (tuple, list)) else ''}; pass several batches "
                 f"as the dataloader instead."
             )
+        if isinstance(data, list) and all(isinstance(part, (tuple, list)) and len(part) == 2 for part in data):
+            raise TypeError(
+                "data=[(x1, y1), (x2, y2)] reads as a list of two batches, but data= takes one (inputs, targets) "
+                "pair: pass the batches as the dataloader, Hessian(model, batches, loss), or one batch as a tuple, "
+                "data=(inputs, targets)."
+            )
         dataloader = [tuple(data)]
     if dataloader is None:
         raise TypeError("Hessian needs data: Hessian(model, dataloader, loss) or Hessian(model, loss, data=(x, y)).")
