@@ -79,6 +79,8 @@ CURVLINOPS_TARGETS = (("resnet", None, 0.5), ("transformer", 10, 0.25))
 CANDIDATE_MARGIN = 1.10
 #: A capped method runs at least this long, so that a very fast auto does not cut others to nothing.
 CAP_FLOOR_SECONDS = 5.0
+#: With less of the run's budget left than this, a method is not started.
+MIN_BUDGET_SECONDS = 1.0
 
 
 @dataclass
@@ -323,7 +325,7 @@ def run_one(case: Case, method: str, args: argparse.Namespace, op_check: Optiona
     device = torch.device(args.device)
     row = Row(method)
     cap, why = cap_seconds(case, method, args)
-    if cap is not None and cap <= 0:
+    if cap is not None and cap < MIN_BUDGET_SECONDS and why == "the run's budget":
         row.ok, row.note = False, "skipped: the run's time budget (--budget) was spent"
         return row
     state = model_state(case.work.model) if cap is not None else None
