@@ -457,25 +457,31 @@ def verdicts(cases: list[Case], args: argparse.Namespace) -> list[str]:
 
 
 def _ratio_verdict(label: str, auto: Optional[Row], others: list[Optional[Row]], limit: float) -> str:
+    """Whether auto's time is at most ``limit`` times every other row's. A row stopped at its cap
+    took at least its time: it decides the verdict only where that bound is enough."""
     if auto is None or not auto.ok:
         return f"VERDICT {label}: NOT MEASURED (auto: {auto.note if auto else 'not run'})"
-    timed = [row for row in others if row is not None and (row.ok or row.capped)]
-    if not timed:
+    done = [row for row in others if row is not None and row.ok]
+    capped = [row for row in others if row is not None and row.capped]
+    if not done and not capped:
         notes = "; ".join(f"{row.method}: {row.note}" for row in others if row is not None) or "not run"
         return f"VERDICT {label}: NOT MEASURED ({notes})"
-    best = min(timed, key=lambda row: row.seconds)
-    ratio = auto.seconds / best.seconds
-    bound = "< " if best.capped else ""  # a capped time is a lower bound, so the ratio is an upper one
-    shown = f"auto {auto.seconds:.2f} s / {best.method} {'> ' if best.capped else ''}{best.seconds:.2f} s = {bound}{ratio:.2f}x"
-    if ratio <= limit:
-        state = "MET"
-    elif best.capped:
-        state = "NOT DECIDED (the other method was stopped at its cap)"
-    else:
+    parts = []
+    if done:
+        best = min(done, key=lambda row: row.seconds)
+        parts.append(f"auto {auto.seconds:.2f} s / {best.method} {best.seconds:.2f} s = {auto.seconds / best.seconds:.2f}x")
+    open_bounds = [row for row in capped if auto.seconds > limit * row.seconds]
+    for row in capped:
+        parts.append(f"{row.method} stopped at {row.seconds:.2f} s (ratio < {auto.seconds / row.seconds:.2f}x)")
+    if done and auto.seconds > limit * best.seconds:
         state = "MISSED"
+    elif open_bounds:
+        state = "NOT DECIDED (" + ", ".join(row.method for row in open_bounds) + " stopped too early to tell)"
+    else:
+        state = "MET"
     missing = [row.method for row in others if row is not None and not (row.ok or row.capped)]
     extra = f"; not run or failed: {', '.join(missing)}" if missing else ""
-    return f"VERDICT {label}: {shown}: {state}{extra}"
+    return f"VERDICT {label}: {'; '.join(parts)}: {state}{extra}"
 
 
 def machine_header(args: argparse.Namespace) -> str:
