@@ -443,7 +443,7 @@ def verdicts(cases: list[Case], args: argparse.Namespace) -> list[str]:
     """One line per target (see the module docstring): met, missed, or not measured and why."""
     sized = "" if args.gpu_sized and not args.quick else " [not the target's sizes]"
     lines = []
-    for name, k_target, limit in CURVLINOPS_TARGETS:
+    for name, k_target, limit in CURVLINOPS_TARGETS if "curvlinops" in args.methods else ():
         for case in cases:
             if case.work.name != name or (k_target is not None and case.k != k_target):
                 continue
