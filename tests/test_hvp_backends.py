@@ -286,7 +286,7 @@ def test_out_of_memory_of_a_kept_vmapped_second_backward_halves_it_on_the_same_g
     forwards = []
     handle = model.register_forward_hook(lambda *args: forwards.append(torch.is_grad_enabled()))
     try:
-        op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, backend="double_backward", batched=True)
+        op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, backend="double_backward", batched=True, max_possible_gpu_samples=256)
         with op.frozen():
             for step in range(3):
                 block = rand(op.size, 6, seed=step)

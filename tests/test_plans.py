@@ -142,7 +142,7 @@ def counting(model):
 
 def test_inside_frozen_a_block_may_be_computed_afresh_while_singles_keep_the_kept_graph(mlp_problem):
     model, loader, _, _, hessian = mlp_problem
-    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, max_possible_gpu_samples=256)  # 3 micro-batches
     slow_second_pass(op)
     op.plans.force(FRESH_SINGLE, 1, 5.0)  # single vectors: the kept graph is faster
     op.plans.force(KEPT_VMAP, 4, 4.0)
@@ -165,7 +165,7 @@ def test_inside_frozen_a_block_may_be_computed_afresh_while_singles_keep_the_kep
 
 def test_a_slow_second_pass_tries_forward_over_reverse_for_single_vectors(mlp_problem):
     model, loader, _, _, hessian = mlp_problem
-    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, max_possible_gpu_samples=256)
     slow_second_pass(op)
     with op.frozen():
         for step in range(4):
@@ -177,7 +177,7 @@ def test_a_slow_second_pass_tries_forward_over_reverse_for_single_vectors(mlp_pr
 
 def test_without_a_slow_second_pass_blocks_inside_frozen_reuse_the_kept_graph(mlp_problem):
     model, loader, _, _, hessian = mlp_problem
-    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, max_possible_gpu_samples=256)
     op.plans.force(KEPT, 1, 1.0)
     op.plans.force_shared(0.9)
     calls, handle = counting(model)
@@ -196,7 +196,7 @@ def test_without_a_slow_second_pass_blocks_inside_frozen_reuse_the_kept_graph(ml
 @pytest.mark.parametrize("batched", [False, True])
 def test_linearize_is_exact_kept_inside_frozen_and_forward_over_reverse_outside(mlp_problem, batched):
     model, loader, _, _, hessian = mlp_problem
-    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, backend="linearize", batched=batched)
+    op = HVPOperator(model, loader, F.cross_entropy, use_gpu=False, backend="linearize", batched=batched, max_possible_gpu_samples=256)
     block = rand(op.size, 3, seed=4)
     assert close(op.apply_block(block), hessian @ block)  # outside frozen: nothing kept
     assert op.backend_used[3] == ("forward_over_reverse", batched)
