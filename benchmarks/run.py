@@ -33,8 +33,8 @@ The methods run in three rounds over every workload and k: ``auto`` and curvlino
 then the candidates, then the slow baselines. With ``--budget`` the run stops starting methods (and
 stops the one running) when the budget is spent; with ``--cap-factor`` a method other than ``auto``
 is stopped once it has taken that many times ``auto``'s time on the same problem (then its row
-gives a lower bound, ``> t``, which is all a verdict needs); ``--slow-cap-factor`` does the same
-for ARPACK, power iteration and PyHessian. ``--markdown`` is rewritten after every method, so that
+gives a lower bound, ``> t``, which is all a verdict needs); ``--curvlinops-cap-factor`` and
+``--slow-cap-factor`` do the same for curvlinops and for ARPACK, power iteration and PyHessian. ``--markdown`` is rewritten after every method, so that
 a run stopped from outside still leaves its tables.
 """
 
@@ -369,11 +369,18 @@ def cap_seconds(case: Case, method: str, args: argparse.Namespace) -> tuple[Opti
     caps = []
     if args.deadline is not None:
         caps.append((args.deadline - time.perf_counter(), "the run's budget"))
-    factor = args.slow_cap_factor if method in SLOW else args.cap_factor
+    factor = cap_factor(method, args)
     auto = case.rows.get("auto")
     if method != "auto" and factor and auto is not None and auto.ok:
         caps.append((max(CAP_FLOOR_SECONDS, factor * auto.seconds), f"{factor:g}x auto's time"))
     return min(caps) if caps else (None, "")
+
+
+def cap_factor(method: str, args: argparse.Namespace) -> float:
+    """The multiple of auto's time after which ``method`` is stopped (0: never)."""
+    if method in SLOW:
+        return args.slow_cap_factor
+    return args.curvlinops_cap_factor if method == "curvlinops" else args.cap_factor
 
 
 def warm_up(work: Workload, device: torch.device) -> None:
@@ -550,7 +557,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run: later methods are skipped, the running one stopped")
     parser.add_argument("--cap-factor", type=float, default=0.0,
-                        help="stop curvlinops and auto's candidates after this many times auto's time (0: never)")
+                        help="stop auto's candidates after this many times auto's time (0: never)")
+    parser.add_argument("--curvlinops-cap-factor", type=float, default=None,
+                        help="the same for curvlinops (default: --cap-factor; above 4 to decide a 0.25x target)")
     parser.add_argument("--slow-cap-factor", type=float, default=None,
                         help="the same for ARPACK, power iteration and PyHessian (default: --cap-factor)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -566,6 +575,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.power_steps = args.power_steps or 100
     if args.slow_cap_factor is None:
         args.slow_cap_factor = args.cap_factor
+    if args.curvlinops_cap_factor is None:
+        args.curvlinops_cap_factor = args.cap_factor
     default_workloads = "mlp,cnn,transformer" + (",resnet" if args.gpu_sized else "")
     args.workloads = [w.strip() for w in (args.workloads or default_workloads).split(",") if w.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
