@@ -17,7 +17,7 @@
 # (here: the baselines' dependencies that the GPU image has and this machine lacks).
 #
 # Time limits (seconds; the benchmark also stops itself a little before its limit, keeping what it
-# measured): GPU_CHECK_TESTS_S (60), GPU_CHECK_HVP_S (100), GPU_CHECK_BENCH_S (290);
+# measured): GPU_CHECK_TESTS_S (80), GPU_CHECK_HVP_S (110), GPU_CHECK_BENCH_S (260);
 # GPU_CHECK_BENCH_ARGS and GPU_CHECK_HVP_ARGS are appended to those steps' commands.
 set -uo pipefail
 
@@ -49,12 +49,12 @@ if [ "$smoke" = 1 ]; then
   bench_args=(--quick --threads 1 --workloads transformer,resnet --k 3,1 --reference best
               --methods auto,curvlinops,thick_restart,block_lanczos,lanczos,pyhessian)
 else
-  tests_s="${GPU_CHECK_TESTS_S:-60}"; hvp_s="${GPU_CHECK_HVP_S:-100}"; bench_s="${GPU_CHECK_BENCH_S:-290}"
-  tests_args=(-m gpu -q)
+  tests_s="${GPU_CHECK_TESTS_S:-80}"; hvp_s="${GPU_CHECK_HVP_S:-110}"; bench_s="${GPU_CHECK_BENCH_S:-260}"
+  tests_args=(-m gpu -q --durations=5)
   # ResNet-18 at 512 images here (per-vector costs do not depend on the count; the solves use 1024)
-  hvp_args=(--device cuda --gpu-sized --workloads resnet,transformer --resnet-samples 512 --repeats 3 --entry-cap 30)
+  hvp_args=(--device cuda --gpu-sized --workloads resnet,transformer --resnet-samples 512 --repeats 3 --entry-cap 25)
   # The targets' cases first: the rounds run auto and curvlinops on every case before the candidates.
-  bench_args=(--device cuda --gpu-sized --workloads transformer,resnet,mlp,cnn --k 10,1 --resnet-samples 1024
+  bench_args=(--device cuda --gpu-sized --workloads transformer,mlp,cnn,resnet --k 10,1 --resnet-samples 1024
               --methods auto,curvlinops,thick_restart,block_lanczos,lanczos,pyhessian)
 fi
 # Caps, in multiples of auto's time on the same case, that still decide every verdict: a candidate
