@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import sys
@@ -69,7 +70,7 @@ class Entry:
         self.ratio, self.peak_bytes, self.note = ratio, peak_bytes, note
 
     def cell(self) -> str:
-        if self.note and self.ratio != self.ratio:
+        if self.note and math.isnan(self.ratio):
             return self.note
         text = f"{self.ratio:.2f}"
         if self.peak_bytes is not None:
@@ -207,17 +208,16 @@ def measure_workload(work: Workload, args: argparse.Namespace) -> tuple[list[str
 
     entries[f"chosen b={b}"] = capped(chosen)
     row = [work.name, f"{n:,}", f"{grad_seconds * 1e3:.1f}"] + [entry.cell() for entry in entries.values()]
-    gradients = linearize_setup / grad_seconds if linearize_setup == linearize_setup else float("nan")
-    row.append("-" if linearize_setup != linearize_setup else f"{linearize_setup:.2f} s ({gradients:.0f} grads)")
+    row.append("-" if math.isnan(linearize_setup) else
+               f"{linearize_setup:.2f} s ({linearize_setup / grad_seconds:.0f} grads)")
     row.append(chosen_name[0])
     per_vector = entries[f"chosen b={b}"].ratio
-    return row, (per_vector if per_vector == per_vector else None)
+    return row, (None if math.isnan(per_vector) else per_vector)
 
 
 def _still_trying(op: HVPOperator, width: int) -> bool:
     """Whether the operator's next block product of ``width`` inside frozen() would still be a trial."""
-    plan, timed_trial = op._next_plan(width, True)
-    return timed_trial
+    return op._next_plan(width, True)[1]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
