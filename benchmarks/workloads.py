@@ -56,12 +56,16 @@ class Workload:
         return Workload(self.name, copy.deepcopy(self.model).double(), batches, self.criterion, self.description)
 
 
-def make_workload(name: str, device: torch.device, quick: bool, gpu_sized: bool, seed: int = 0) -> Workload:
-    """Build (and briefly train) one workload by name; see ``WORKLOADS``."""
+def make_workload(name: str, device: torch.device, quick: bool, gpu_sized: bool, seed: int = 0,
+                  resnet_samples: int = 256) -> Workload:
+    """Build (and briefly train) one workload by name; see ``WORKLOADS``. With ``quick`` and
+    ``gpu_sized`` together, the GPU workloads are built at toy sizes (a smoke test of the GPU runs)."""
     builders = {"mlp": _mlp_digits, "cnn": _small_cnn, "transformer": _tiny_lm, "resnet": _resnet18}
     if name not in builders:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}.")
     torch.manual_seed(seed)
+    if name == "resnet":
+        return _resnet18(device, quick, gpu_sized, seed, resnet_samples)
     return builders[name](device, quick, gpu_sized, seed)
 
 
@@ -72,7 +76,7 @@ def _mlp_digits(device: torch.device, quick: bool, gpu_sized: bool, seed: int) -
     digits = load_digits()
     x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
     y = torch.tensor(digits.target, dtype=torch.long)
-    width = 1024 if gpu_sized else (48 if quick else 128)
+    width = (64 if quick else 1024) if gpu_sized else (48 if quick else 128)
     model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                           nn.Linear(width, 10)).to(device)
     batch = 1024 if gpu_sized else 600
@@ -105,10 +109,12 @@ def _small_cnn(device: torch.device, quick: bool, gpu_sized: bool, seed: int) ->
 
 def _tiny_lm(device: torch.device, quick: bool, gpu_sized: bool, seed: int) -> Workload:
     gen = torch.Generator().manual_seed(seed)
-    vocab = 64 if gpu_sized else 32
-    length = 64 if gpu_sized else (16 if quick else 32)
-    num = 256 if gpu_sized else (64 if quick else 128)
-    dim, layers, heads = (256, 4, 4) if gpu_sized else ((32, 1, 2) if quick else (64, 2, 4))
+    # GPU sizes: the GPT of the H200 measurements (4 pre-norm layers, width 256, vocabulary 512,
+    # 256 sequences of 128 tokens, 3.4M parameters)
+    vocab = (64 if quick else 512) if gpu_sized else 32
+    length = (16 if quick else 128) if gpu_sized else (16 if quick else 32)
+    num = (64 if quick else 256) if gpu_sized else (64 if quick else 128)
+    dim, layers, heads = ((32, 2, 2) if quick else (256, 4, 4)) if gpu_sized else ((32, 1, 2) if quick else (64, 2, 4))
     # Tokens from a sparse random Markov chain, so there is something to learn.
     successors = torch.randint(0, vocab, (vocab, 3), generator=gen)
     tokens = torch.empty(num, length + 1, dtype=torch.long)
@@ -118,20 +124,21 @@ def _tiny_lm(device: torch.device, quick: bool, gpu_sized: bool, seed: int) -> W
         tokens[:, t + 1] = successors[tokens[:, t], pick]
     model = TinyGPT(vocab, length, dim, layers, heads).to(device)
     batches = _split(tokens[:, :-1].to(device), tokens[:, 1:].to(device), 64)
-    _train(model, batches, lm_loss, epochs=10 if quick else 20, lr=3e-3)
+    _train(model, batches, lm_loss, epochs=2 if gpu_sized else (10 if quick else 20), lr=3e-3)
     return Workload("transformer", model, batches, lm_loss,
                     f"causal transformer LM, {layers} layer(s) x {dim} wide, {heads} heads, {num} generated "
                     f"sequences of {length} tokens (vocabulary {vocab})")
 
 
-def _resnet18(device: torch.device, quick: bool, gpu_sized: bool, seed: int) -> Workload:
+def _resnet18(device: torch.device, quick: bool, gpu_sized: bool, seed: int, num: int = 256) -> Workload:
     gen = torch.Generator().manual_seed(seed)
-    num = 256
+    num = 32 if quick else num
     x = torch.randn(num, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (num,), generator=gen)
-    model = ResNet18().to(device)
-    return Workload("resnet", model, _split(x.to(device), y.to(device), 128), F.cross_entropy,
-                    f"ResNet-18 (CIFAR variant, BatchNorm in eval mode), {num} random 3x32x32 images, random labels")
+    model = ResNet18(width=8 if quick else 64).to(device)
+    return Workload("resnet", model, _split(x.to(device), y.to(device), 16 if quick else 256), F.cross_entropy,
+                    f"ResNet-18 (CIFAR variant{', 1/8 width' if quick else ''}, BatchNorm in eval mode), {num} random "
+                    f"3x32x32 images in batches of {16 if quick else 256}, random labels")
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -219,15 +226,15 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool): about 11.2M parameters."""
 
-    def __init__(self, classes: int = 10) -> None:
+    def __init__(self, classes: int = 10, width: int = 64) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        layers, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
         self.layers = nn.Sequential(*layers)
-        self.head = nn.Linear(512, classes)
+        self.head = nn.Linear(8 * width, classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
