@@ -38,9 +38,10 @@ def compute_hessian_eigenthings(
         num_eigenthings: k, how many eigenpairs.
         full_dataset: Hessian of the mean loss over all samples (True), or one mini-batch per
             product (False: a stochastic operator, which only ``mode="power_iter"`` accepts).
-        mode: "auto" (default): thick-restart Lanczos, the solver that needed the fewest products
-            and the least time on every CPU and GPU workload measured; block Lanczos when
-            ``block_size`` is given; power iteration when given one of its own options
+        mode: "auto" (default): thick-restart Lanczos, switching to block Lanczos where the
+            operator's measured block products are several times cheaper per vector (see
+            ``result.info["auto"]`` and :func:`~hessian_eigenthings.solvers.auto.auto_eigensolve`);
+            block Lanczos when ``block_size`` is given; power iteration when given one of its own options
             (``momentum``, ``power_iter_steps``, ``power_iter_err_threshold``). Or a solver by
             name: "thick_restart", "block_lanczos" (batched products; finds eigenvalues repeated
             up to ``block_size`` times), "lanczos" (ARPACK, on the host in float64) or

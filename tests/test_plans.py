@@ -228,8 +228,13 @@ def test_cuda_trials_record_peak_memory_and_blocks_stay_exact(mlp_problem):
     model, loader, _, _, hessian = mlp_problem
     op = HVPOperator(model, loader, F.cross_entropy, device="cuda")
     block = rand(op.size, 8, seed=2)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # earlier tests' peaks would hide ours (the operator never resets it)
+    user_peak = 0
     for _ in range(6):
         got = op.apply_block(block.cuda()).cpu()
         assert close(got, hessian @ block)
+        assert torch.cuda.max_memory_allocated() >= user_peak  # the user's statistic only grows
+        user_peak = torch.cuda.max_memory_allocated()
     peaks = [op.plans.peak_bytes(plan, 8) for plan, width in op.plans.measured() if width == 8]
-    assert peaks and all(peak is not None and peak > 0 for peak in peaks)
+    assert any(peak is not None and peak > 0 for peak in peaks)  # the first product of a block sets a new peak

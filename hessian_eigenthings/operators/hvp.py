@@ -450,20 +450,23 @@ class _Measure:
 @contextlib.contextmanager
 def _measured(device: torch.device, memory: bool = True) -> Any:
     """Time the block (synchronising a CUDA device), and on CUDA with ``memory`` measure its peak
-    memory above the start (this resets the device's peak-memory statistic)."""
+    memory above the start. The device's peak-memory statistic is the user's and is never reset:
+    the block's peak is known only where it sets a new one (else ``peak_bytes`` stays None, and the
+    plans rely on halving a block that runs out of memory)."""
     measure = _Measure()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         if memory:
             start_bytes = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            earlier_peak = torch.cuda.max_memory_allocated(device)
     start = time.perf_counter()
     yield measure
     if cuda:
         torch.cuda.synchronize(device)
         if memory:
-            measure.peak_bytes = torch.cuda.max_memory_allocated(device) - start_bytes
+            peak = torch.cuda.max_memory_allocated(device)
+            measure.peak_bytes = peak - start_bytes if peak > earlier_peak else None
     measure.seconds = time.perf_counter() - start
 
 
