@@ -162,3 +162,11 @@ def test_bad_settings_are_refused(problem):
     with pytest.raises(ValueError, match="frobenius_method="):
         h.per_layer(frobenius_method="exact")
     assert math.isfinite(h.per_layer(["4"])[0].top_eigenvalue)
+
+
+def test_a_budget_too_small_for_an_error_estimate_is_refused_before_any_block(problem):
+    model, data = problem[0], problem[1]
+    h = Hessian(model, data, F.cross_entropy, verbose=False)
+    with pytest.raises(ValueError, match="max_products must be at least 4"):
+        h.per_layer(max_products=3, exact_max_size=0)
+    assert h.operator.num_products == 0

@@ -160,6 +160,10 @@ class BlockSettings:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
             raise ValueError(f"exact_max_size must be an integer >= 0 (0: estimate every block), got {size!r}.")
         self.max_products = check_positive_int(self.max_products, "max_products")
+        if self.max_products < 4:
+            # every trace and Frobenius estimator needs two probes (or a sketch and a probe) for an error
+            raise ValueError(f"max_products must be at least 4 (two probes with an error estimate), got "
+                             f"{self.max_products}; the default is 102.")
         get_solver(self.mode)  # a ValueError naming the modes, before any block is computed
         for method, known, name in ((self.trace_method, TRACE_METHODS, "trace_method"),
                                     (self.frobenius_method, FROBENIUS_METHODS, "frobenius_method")):
