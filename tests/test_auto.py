@@ -278,3 +278,44 @@ def test_block_lanczos_alone_matches_the_auto_switch():
     width = result.info["auto"]["block_size"]
     alone = block_lanczos(MatrixOperator(matrix), 3, block_size=width, tol=1e-8, verbose=False, seed=5)
     np.testing.assert_allclose(result.eigenvalues, alone.eigenvalues, rtol=1e-9)
+
+
+@pytest.mark.parametrize("n", [13, 30])
+def test_a_problem_too_small_for_a_block_basis_keeps_thick_restart(n):
+    """Where n caps the basis block Lanczos would use (its product model was measured with its full
+    default basis), blocks restart over and over: at n=13 block Lanczos took 117 products where
+    thick-restart takes 13. Such a width is not considered."""
+    matrix = planted_matrix(list(np.linspace(10.0, 1.0, n)), seed=n)[0]
+    op = CostedMatrix(matrix, single=5.0, shared=1.0, block_per_vector=0.5)
+    result = auto_eigensolve(op, 1, tol=1e-8, verbose=False)
+    reference = thick_restart_lanczos(MatrixOperator(matrix), 1, tol=1e-8, verbose=False)
+    assert result.info["auto"]["solver"] == "thick_restart" and result.info["auto"]["probe_products"] == 0
+    assert result.num_products == reference.num_products
+    np.testing.assert_allclose(result.eigenvalues, exact_top(matrix, 1)[0], rtol=1e-12)
+
+
+def test_a_given_max_steps_keeps_thick_restart_which_it_was_written_for():
+    """max_steps caps the fills of the basis, and block Lanczos needs more fills for the same pairs:
+    a cap that thick-restart meets (one fill of 20 vectors for the top 5) left block Lanczos with
+    no converged pair."""
+    matrix = planted()
+    keywords = dict(tol=1e-8, max_steps=1, num_lanczos_vectors=20, verbose=False)
+    reference = thick_restart_lanczos(MatrixOperator(matrix), 5, **keywords)
+    assert reference.converged.all()
+    op = CostedMatrix(matrix, single=5.0, shared=1.0, block_per_vector=0.5)
+    result = auto_eigensolve(op, 5, **keywords)
+    assert result.info["auto"]["solver"] == "thick_restart" and result.info["auto"]["probe_products"] == 0
+    assert result.converged.all() and result.num_products == reference.num_products
+    np.testing.assert_array_equal(result.eigenvalues, reference.eigenvalues)
+
+
+def test_bad_options_are_refused_before_the_probe():
+    """A slow kept product known from an earlier solve: the probe would be the call's first products."""
+    op = CostedMatrix(planted())
+    op.plans.force(KEPT, 1, 5.0)
+    op.plans.force_shared(1.0)
+    with pytest.raises(ValueError, match="which"):
+        auto_eigensolve(op, 3, which="XX", verbose=False)
+    with pytest.raises(ValueError, match="tol"):
+        auto_eigensolve(op, 3, tol=-1.0, verbose=False)
+    assert op.num_products == 0

@@ -34,6 +34,7 @@ to the H200 solves (ResNet-18 top-1 at b=2: 1.09; GPT top-1 at b=2: 1.67; GPT to
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -43,10 +44,10 @@ from torch import Tensor
 from .. import distributed
 from ..operators.base import Operator, WrappingOperator, as_operator, runs_frozen
 from ..operators.plans import MIN_TRIAL_SECONDS, SLOW_SECOND_PASS, PlanBook
-from ..utils import check_num_eigenthings, check_positive_int, logger
+from ..utils import check_num_eigenthings, check_positive_int, check_which, logger
 from .block_lanczos import block_lanczos
-from .contract import pick, resolve_seed
-from .krylov_schur import largest_basis, start_block
+from .contract import check_tol, pick, resolve_seed
+from .krylov_schur import default_basis_size, largest_basis, start_block
 from .memory import native_plan
 from .result import EigenResult, check_init_vectors, random_vectors
 from .thick_restart import thick_restart_lanczos
@@ -148,6 +149,9 @@ class _Session:
                                keywords.pop("init_vec", None))
         self.init, self.init_name = init, init_name
         keywords["seed"] = resolve_seed(keywords.get("seed", 0))  # the same for the probe and the solver
+        # checked here too, as the probe may be the call's first products
+        check_which(keywords.get("which", "LM"))
+        check_tol(keywords.get("tol", 1e-6))
         self.keywords = keywords
         self.report = AutoReport()
         self.products = 0  # products of thick-restart Lanczos so far
@@ -233,7 +237,10 @@ class _Session:
             return
         widths = self._widths()
         if not widths:
-            self.report.reason = "no block width fits this problem (k + 3b <= n) or its memory"
+            self.report.reason = (
+                "max_steps was given: it caps the fills of the basis, and block Lanczos needs more of them"
+                if self.keywords.get("max_steps") is not None else
+                "no block width fits this problem (k + 3b <= n, its default basis within n) or its memory")
             return
         if not known:
             self._time_probe(min(PROBE_WIDTH, max(widths)))
@@ -271,10 +278,15 @@ class _Session:
         given = self.keywords.get("num_lanczos_vectors")
         cap = self.keywords.get("max_basis_bytes")
         free = _free_device_bytes(self.op.device)
+        if self.keywords.get("max_steps") is not None:
+            # a cap on the fills of the basis, which block Lanczos needs more of for the same pairs
+            return []
         widths = []
         for width in BLOCK_WIDTHS:
             if k + 3 * width > n:
                 continue
+            if given is None and default_basis_size(k, width, n) < default_basis_size(k, width, sys.maxsize):
+                continue  # n caps its basis: it would restart more often than the product model says
             if given is not None and not k + 2 * width <= check_positive_int(given, "num_lanczos_vectors") <= \
                     largest_basis(width, n):
                 continue
