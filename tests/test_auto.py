@@ -309,6 +309,23 @@ def test_a_given_max_steps_keeps_thick_restart_which_it_was_written_for():
     np.testing.assert_array_equal(result.eigenvalues, reference.eigenvalues)
 
 
+def test_a_warm_start_survives_the_switch_to_a_narrower_block():
+    """The probe is 8 wide; block Lanczos at width 2 starts from the caller's vectors as it would
+    alone (not from the probe's columns, which would add random directions to them), so its solve
+    costs what block Lanczos alone costs from the same start."""
+    matrix = planted()
+    vals, vecs = exact_top(matrix, 3)
+    start = torch.from_numpy(vecs + 1e-4 * np.random.default_rng(0).standard_normal(vecs.shape))
+    op = CostedMatrix(matrix, single=5.0, shared=1.0, block_per_vector=0.5)
+    result = auto_eigensolve(op, 3, tol=1e-8, verbose=False, init_vecs=start, seed=2)
+    info = result.info["auto"]
+    assert info["solver"] == "block_lanczos" and info["block_size"] == 2 and info["replayed_products"] == 2
+    alone = block_lanczos(MatrixOperator(matrix), 3, block_size=2, tol=1e-8, verbose=False, init_vecs=start, seed=2)
+    spent_before = info["decided_after_products"] + info["probe_products"] - info["replayed_products"]
+    assert result.num_products == spent_before + alone.num_products
+    np.testing.assert_allclose(result.eigenvalues, vals, rtol=1e-9)
+
+
 def test_bad_options_are_refused_before_the_probe():
     """A slow kept product known from an earlier solve: the probe would be the call's first products."""
     op = CostedMatrix(planted())

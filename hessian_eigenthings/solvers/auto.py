@@ -157,6 +157,7 @@ class _Session:
         self.products = 0  # products of thick-restart Lanczos so far
         self.settled = False
         self.probe: Optional[tuple[Tensor, Tensor]] = None
+        self.probe_block: Optional[Tensor] = None  # the probe's columns before orthonormalising
 
     # -- the solve --------------------------------------------------------------------------------
     def run(self) -> EigenResult:
@@ -187,7 +188,16 @@ class _Session:
             inputs, outputs = self.probe
             self.probe = None
             op = _Replay(self.op, inputs, outputs)
-            if width != inputs.shape[1]:
+            starts = self._starts()
+            if width < inputs.shape[1] and starts is not None:
+                # the block the caller's vectors start alone (width divides the probe's, so its
+                # columns are sums of the probe's), or, with fewer vectors than columns, the probe's
+                # first columns: each a caller's vector or one of the probe's random ones
+                if starts.shape[1] >= width:
+                    keywords[self.init_name] = self.init
+                else:
+                    keywords["init_vecs"] = self.probe_block[:, :width].T
+            elif width != inputs.shape[1]:
                 # the probe's columns start the block: all of it lies in their span for a narrower
                 # block, its first columns for a wider one (see start_block)
                 keywords["init_vecs"] = inputs.T
@@ -304,6 +314,7 @@ class _Session:
         """One block product of ``width`` vectors, the start block block Lanczos would use (timed by
         the operator); kept for the solver that may follow."""
         block = start_block(self._starts(), random_vectors(self.op, width, self.keywords["seed"]))
+        self.probe_block = block
         inputs = torch.linalg.qr(block)[0]
         outputs = self.op.apply_block(inputs)
         self.probe = (inputs, outputs)
