@@ -336,3 +336,23 @@ def test_bad_options_are_refused_before_the_probe():
     with pytest.raises(ValueError, match="tol"):
         auto_eigensolve(op, 3, tol=-1.0, verbose=False)
     assert op.num_products == 0
+
+
+@pytest.mark.parametrize("costs", [dict(single=5.0, shared=1.0, block_per_vector=0.5), {}])
+def test_a_non_finite_product_names_the_callers_operator(costs):
+    class NotFinite(CostedMatrix):
+        def _matmat(self, mat):
+            out = super()._matmat(mat)
+            out[0, 0] = float("nan")
+            return out
+
+        def _matvec(self, vec):
+            out = super()._matvec(vec)
+            if len(self.widths) > SCREEN_AFTER + 1:
+                out[0] = float("nan")
+            return out
+
+    from hessian_eigenthings import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"\(NotFinite\)"):
+        auto_eigensolve(NotFinite(planted(), **costs), 3, tol=1e-8, verbose=False)

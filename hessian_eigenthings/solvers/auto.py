@@ -355,6 +355,11 @@ class _Watch(WrappingOperator):
         self.base = operator
         self.after_product = after_product
 
+    @property
+    def shown_operator(self) -> Operator:
+        """The operator that messages name (this wrapper is the solver's business, not the caller's)."""
+        return self.base
+
     def _matvec(self, vec: Tensor) -> Tensor:
         out = self.base.apply(vec)
         self.after_product()
@@ -380,6 +385,11 @@ class _Replay(WrappingOperator):
         self.base = operator
         self._memo: Optional[tuple[Tensor, Tensor]] = (inputs, outputs)
         self.replayed = 0
+
+    @property
+    def shown_operator(self) -> Operator:
+        """The operator that messages name (this wrapper is the solver's business, not the caller's)."""
+        return self.base
 
     def _matvec(self, vec: Tensor) -> Tensor:
         if self._memo is None:

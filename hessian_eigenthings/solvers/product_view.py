@@ -156,7 +156,7 @@ class ProductView(Operator):
         which = f"product {first}" if count == 1 else f"products {first}-{first + count - 1} (one block)"
         return NonFiniteError(
             f"{self.solver}: operator {which} of this solve returned NaN or Inf. The operator "
-            f"({type(self.base).__name__}) must return finite values for finite input vectors; check its "
+            f"({type(getattr(self.base, 'shown_operator', self.base)).__name__}) must return finite values for finite input vectors; check its "
             f"product function (or the model, loss and data of a model operator)."
         )
 
