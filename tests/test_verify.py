@@ -167,7 +167,11 @@ def test_same_seed_same_answer_and_the_global_rng_is_left_alone():
     fresh = complete_multiplicities(MatrixOperator(a), values, vectors, "LA", 1e-10, None)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first.vectors, second.vectors) and first.num_products == second.num_products
-    assert fresh.missed == first.missed == 2
+    assert first.missed == 2
+    # Fresh randomness: a copy goes unseen with at most the stated probability (MISS_PROBABILITY);
+    # what is found is right either way.
+    assert 1 <= fresh.missed <= 2 and torch.allclose(fresh.values[:1 + fresh.missed].double(),
+                                                     torch.full((1 + fresh.missed,), 5.0, dtype=torch.float64))
 
 
 def test_the_host_reads_the_small_matrices_less_often_than_once_per_product(monkeypatch):
