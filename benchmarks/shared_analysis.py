@@ -42,6 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from workloads import make_workload  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example"))
+from common import CountingLoader  # noqa: E402  (example/common.py)
+
 from hessian_eigenthings import (  # noqa: E402
     Hessian,
     HVPOperator,
@@ -49,21 +52,6 @@ from hessian_eigenthings import (  # noqa: E402
     hessian_density,
     hessian_trace,
 )
-
-
-class CountingLoader:
-    """A DataLoader that counts the passes made over it."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
-        self.loader = loader
-        self.passes = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.loader)
 
 
 class ForwardCounter:

@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    CountingLoader,
     HelpFormatter,
     add_training_options,
     checked_device,
@@ -34,21 +35,6 @@ from common import (  # noqa: E402
 )
 
 from hessian_eigenthings import Hessian  # noqa: E402
-
-
-class CountingLoader:
-    """Iterates the training loader and counts how often it is read (the analysis reads it once)."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
-        self.loader = loader
-        self.passes = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.loader)
 
 
 def layer_groups(model: nn.Module) -> dict[str, str]:

@@ -21,6 +21,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """``--help`` keeps the script's docstring as written and shows every option's default."""
 
 
+class CountingLoader:
+    """A DataLoader that counts the passes made over it (an analysis on one object reads it once)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.loader)
+
+
 def solver_modes() -> list[str]:
     """The modes ``compute_hessian_eigenthings`` accepts, read from the library (not a copy)."""
     from hessian_eigenthings.solvers.registry import solver_names
